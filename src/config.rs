@@ -1,0 +1,308 @@
+//! Configuration: flags, then `KAS_GATEWAY_*` environment variables, then a TOML file,
+//! then defaults. Any secret may be read from a file (`*_FILE`). Unknown keys are errors.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use clap::{Args, ValueEnum};
+use serde::Deserialize;
+
+use crate::crypto::Secret;
+
+/// Log line format.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The resolved configuration of a running gateway.
+#[derive(Clone)]
+pub struct Config {
+    /// Where the SQLite database, generated keys and the bootstrap token file live.
+    pub data_dir: PathBuf,
+    /// `sqlite:` or `postgres:` URL; may hold a password, so it is a secret.
+    pub database_url: Secret,
+    /// Connection pool size.
+    pub database_max_connections: u32,
+    /// Address of the HTTP listener.
+    pub listen: SocketAddr,
+    /// The URL clients reach the gateway at (for `Link` headers); from `listen` when unset.
+    pub external_url: Option<String>,
+    /// The root user's token on first start.
+    pub bootstrap_token: Option<Secret>,
+    /// `tracing` filter directive, such as `info` or `kas_gateway=debug`.
+    pub log_level: String,
+    /// Log line format.
+    pub log_format: LogFormat,
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("data_dir", &self.data_dir)
+            .field("database", &database_kind(self.database_url.expose()))
+            .field("database_max_connections", &self.database_max_connections)
+            .field("listen", &self.listen)
+            .field("external_url", &self.external_url)
+            .field(
+                "bootstrap_token",
+                &self.bootstrap_token.as_ref().map(|_| "[REDACTED]"),
+            )
+            .field("log_level", &self.log_level)
+            .field("log_format", &self.log_format)
+            .finish()
+    }
+}
+
+/// The backend a URL names, for logs (never the URL itself: it may carry a password).
+pub fn database_kind(url: &str) -> &'static str {
+    if url.starts_with("sqlite:") {
+        "sqlite"
+    } else if url.starts_with("postgres") {
+        "postgres"
+    } else {
+        "unknown"
+    }
+}
+
+impl Config {
+    /// Defaults for a data directory, as the first command of the README uses them.
+    pub fn with_data_dir(data_dir: impl Into<PathBuf>) -> Self {
+        let data_dir = data_dir.into();
+        Self {
+            database_url: Secret::new(default_database_url(&data_dir)),
+            data_dir,
+            database_max_connections: DEFAULT_MAX_CONNECTIONS,
+            listen: default_listen(),
+            external_url: None,
+            bootstrap_token: None,
+            log_level: "info".into(),
+            log_format: LogFormat::Text,
+        }
+    }
+}
+
+const DEFAULT_MAX_CONNECTIONS: u32 = 10;
+const DEFAULT_DATA_DIR: &str = "./data";
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8080))
+}
+
+fn default_database_url(data_dir: &Path) -> String {
+    format!("sqlite://{}", data_dir.join("kas-gateway.db").display())
+}
+
+/// Every environment variable the gateway reads; any other `KAS_GATEWAY_*` is an error.
+const KNOWN_ENV: &[&str] = &[
+    "KAS_GATEWAY_CONFIG",
+    "KAS_GATEWAY_DATA_DIR",
+    "KAS_GATEWAY_DATABASE_URL",
+    "KAS_GATEWAY_DATABASE_URL_FILE",
+    "KAS_GATEWAY_DATABASE_MAX_CONNECTIONS",
+    "KAS_GATEWAY_LISTEN",
+    "KAS_GATEWAY_EXTERNAL_URL",
+    "KAS_GATEWAY_BOOTSTRAP_TOKEN",
+    "KAS_GATEWAY_BOOTSTRAP_TOKEN_FILE",
+    "KAS_GATEWAY_LOG_LEVEL",
+    "KAS_GATEWAY_LOG_FORMAT",
+];
+
+/// Configuration flags shared by `serve`, `migrate` and `admin`.
+#[derive(Args, Debug, Clone, Default)]
+pub struct ConfigArgs {
+    /// TOML configuration file.
+    #[arg(long, env = "KAS_GATEWAY_CONFIG", global = true)]
+    pub config: Option<PathBuf>,
+    /// Data directory [default: ./data].
+    #[arg(long, env = "KAS_GATEWAY_DATA_DIR", global = true)]
+    pub data_dir: Option<PathBuf>,
+    /// Database URL (sqlite://… or postgres://…) [default: SQLite file in the data directory].
+    #[arg(
+        long,
+        env = "KAS_GATEWAY_DATABASE_URL",
+        global = true,
+        hide_env_values = true
+    )]
+    pub database_url: Option<String>,
+    /// File holding the database URL.
+    #[arg(long, env = "KAS_GATEWAY_DATABASE_URL_FILE", global = true)]
+    pub database_url_file: Option<PathBuf>,
+    /// Database connection pool size [default: 10].
+    #[arg(long, env = "KAS_GATEWAY_DATABASE_MAX_CONNECTIONS", global = true)]
+    pub database_max_connections: Option<u32>,
+    /// Listen address [default: 127.0.0.1:8080].
+    #[arg(long, env = "KAS_GATEWAY_LISTEN", global = true)]
+    pub listen: Option<SocketAddr>,
+    /// Public URL of the gateway, for Link headers [default: http://<listen>].
+    #[arg(long, env = "KAS_GATEWAY_EXTERNAL_URL", global = true)]
+    pub external_url: Option<String>,
+    /// Token of the root user created on first start.
+    #[arg(
+        long,
+        env = "KAS_GATEWAY_BOOTSTRAP_TOKEN",
+        global = true,
+        hide_env_values = true
+    )]
+    pub bootstrap_token: Option<String>,
+    /// File holding the bootstrap token.
+    #[arg(long, env = "KAS_GATEWAY_BOOTSTRAP_TOKEN_FILE", global = true)]
+    pub bootstrap_token_file: Option<PathBuf>,
+    /// Log filter [default: info].
+    #[arg(long, env = "KAS_GATEWAY_LOG_LEVEL", global = true)]
+    pub log_level: Option<String>,
+    /// Log format [default: text].
+    #[arg(long, env = "KAS_GATEWAY_LOG_FORMAT", global = true, value_enum)]
+    pub log_format: Option<LogFormat>,
+}
+
+/// The TOML file's keys: the same names as the flags, with underscores.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    data_dir: Option<PathBuf>,
+    database_url: Option<String>,
+    database_url_file: Option<PathBuf>,
+    database_max_connections: Option<u32>,
+    listen: Option<SocketAddr>,
+    external_url: Option<String>,
+    bootstrap_token: Option<String>,
+    bootstrap_token_file: Option<PathBuf>,
+    log_level: Option<String>,
+    log_format: Option<LogFormat>,
+}
+
+impl ConfigArgs {
+    /// Resolves flags, environment and file into a configuration.
+    pub fn resolve(self) -> anyhow::Result<Config> {
+        check_environment(std::env::vars().map(|(k, _)| k))?;
+        let file = match &self.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("reading configuration file {}", path.display()))?;
+                toml::from_str::<FileConfig>(&text)
+                    .with_context(|| format!("in configuration file {}", path.display()))?
+            }
+            None => FileConfig::default(),
+        };
+        let data_dir = self
+            .data_dir
+            .or(file.data_dir)
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
+        let database_url = secret_value(
+            "database URL",
+            self.database_url,
+            self.database_url_file,
+            file.database_url,
+            file.database_url_file,
+        )?
+        .unwrap_or_else(|| Secret::new(default_database_url(&data_dir)));
+        let bootstrap_token = secret_value(
+            "bootstrap token",
+            self.bootstrap_token,
+            self.bootstrap_token_file,
+            file.bootstrap_token,
+            file.bootstrap_token_file,
+        )?;
+        let external_url = self.external_url.or(file.external_url);
+        if let Some(url) = &external_url
+            && !(url.starts_with("http://") || url.starts_with("https://"))
+        {
+            bail!("the external URL must start with http:// or https://");
+        }
+        Ok(Config {
+            data_dir,
+            database_url,
+            database_max_connections: self
+                .database_max_connections
+                .or(file.database_max_connections)
+                .unwrap_or(DEFAULT_MAX_CONNECTIONS),
+            listen: self.listen.or(file.listen).unwrap_or_else(default_listen),
+            external_url: external_url.map(|u| u.trim_end_matches('/').to_owned()),
+            bootstrap_token,
+            log_level: self
+                .log_level
+                .or(file.log_level)
+                .unwrap_or_else(|| "info".into()),
+            log_format: self.log_format.or(file.log_format).unwrap_or_default(),
+        })
+    }
+}
+
+/// A secret given directly or through a file, flags before the configuration file.
+fn secret_value(
+    what: &str,
+    value: Option<String>,
+    value_file: Option<PathBuf>,
+    file_value: Option<String>,
+    file_value_file: Option<PathBuf>,
+) -> anyhow::Result<Option<Secret>> {
+    if value.is_some() && value_file.is_some() {
+        bail!("the {what} is given both directly and as a file: give one");
+    }
+    let from_file = |path: PathBuf| -> anyhow::Result<Secret> {
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading the {what} from {}", path.display()))?;
+        Ok(Secret::new(text.trim_end_matches(['\n', '\r'])))
+    };
+    match (value, value_file, file_value, file_value_file) {
+        (Some(v), _, _, _) => Ok(Some(Secret::new(v))),
+        (None, Some(path), _, _) => from_file(path).map(Some),
+        (None, None, Some(v), _) => Ok(Some(Secret::new(v))),
+        (None, None, None, Some(path)) => from_file(path).map(Some),
+        (None, None, None, None) => Ok(None),
+    }
+}
+
+/// Refuses `KAS_GATEWAY_*` variables the gateway does not know (most likely typos).
+fn check_environment(names: impl Iterator<Item = String>) -> anyhow::Result<()> {
+    let unknown: Vec<String> = names
+        .filter(|name| name.starts_with("KAS_GATEWAY_") && !KNOWN_ENV.contains(&name.as_str()))
+        .collect();
+    if unknown.is_empty() {
+        Ok(())
+    } else {
+        bail!(
+            "unknown environment variable(s): {} (known: {})",
+            unknown.join(", "),
+            KNOWN_ENV.join(", ")
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_environment_is_refused() {
+        let names = ["PATH".to_owned(), "KAS_GATEWAY_LISTN".to_owned()];
+        let err = check_environment(names.into_iter())
+            .err()
+            .map(|e| e.to_string());
+        assert!(err.is_some_and(|e| e.contains("KAS_GATEWAY_LISTN")));
+        assert!(check_environment(["KAS_GATEWAY_LISTEN".to_owned()].into_iter()).is_ok());
+    }
+
+    #[test]
+    fn unknown_file_keys_are_refused() {
+        let parsed = toml::from_str::<FileConfig>("listen = \"127.0.0.1:1\"\nlisten_port = 3\n");
+        assert!(parsed.is_err());
+    }
+
+    #[test]
+    fn debug_hides_secrets() {
+        let mut config = Config::with_data_dir("/tmp/x");
+        config.database_url = Secret::new("postgres://u:hunter2@db/x");
+        config.bootstrap_token = Some(Secret::new("glpat-topsecret"));
+        let shown = format!("{config:?}");
+        assert!(!shown.contains("hunter2"));
+        assert!(!shown.contains("topsecret"));
+    }
+}

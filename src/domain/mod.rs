@@ -1,0 +1,12 @@
+//! The domain: entities, rules and operations, independent of HTTP, gRPC and SQL.
+
+mod error;
+mod model;
+mod service;
+pub mod validate;
+
+pub use error::{Error, Missing, ParamProblem, Reply, Result};
+pub use model::*;
+pub use service::{
+    AGENT_TOKEN_LIMIT, Caller, Intent, NewProjectInput, NewTokenInput, NewUserInput, Service,
+};

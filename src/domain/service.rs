@@ -1,0 +1,703 @@
+//! The operations the transports call: authentication, roles, validation, then the store.
+
+use std::sync::Arc;
+
+use ring::rand::SystemRandom;
+use time::Date;
+
+use super::error::{Error, Missing, ParamProblem, Result};
+use super::model::*;
+use super::validate;
+use crate::clock::SharedClock;
+use crate::crypto::{self, Secret, TokenDigest};
+use crate::store::{
+    MemberRemoved, NewAgentToken, NewPersonalToken, NewProject, NewUser, SharedStore, TokenCreated,
+};
+
+/// At most this many active tokens per agent.
+pub const AGENT_TOKEN_LIMIT: i64 = 2;
+
+/// What a request intends to do, which decides the scope it needs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Intent {
+    /// GET and HEAD: `read_api` suffices.
+    Read,
+    /// Everything else: needs `api`.
+    Write,
+}
+
+/// An authenticated caller.
+#[derive(Clone, Debug)]
+pub struct Caller {
+    /// Who is calling.
+    pub user: User,
+    operator: bool,
+}
+
+impl Caller {
+    /// The operator at the command line: an administrator without an account.
+    pub fn operator() -> Self {
+        Self {
+            user: User {
+                id: 0,
+                username: "operator".into(),
+                name: "Operator".into(),
+                email: String::new(),
+                is_admin: true,
+                state: "active".into(),
+                created_at: Timestamp::from_millis(0),
+            },
+            operator: true,
+        }
+    }
+
+    /// Whether the caller passes every role check.
+    pub fn is_admin(&self) -> bool {
+        self.operator || self.user.is_admin
+    }
+}
+
+/// A user to create (`POST /users`).
+#[derive(Clone, Debug)]
+pub struct NewUserInput {
+    /// Login name.
+    pub username: String,
+    /// Display name.
+    pub name: String,
+    /// E-mail.
+    pub email: String,
+    /// Administrator flag.
+    pub admin: bool,
+}
+
+/// A project to create (`POST /projects`).
+#[derive(Clone, Debug, Default)]
+pub struct NewProjectInput {
+    /// Display name; derived from the path when absent.
+    pub name: Option<String>,
+    /// Path; derived from the name when absent.
+    pub path: Option<String>,
+    /// Description.
+    pub description: Option<String>,
+    /// The user namespace to create it in (administrators only; default: the caller's).
+    pub namespace_id: Option<Id>,
+}
+
+/// A personal access token to create.
+#[derive(Clone, Debug)]
+pub struct NewTokenInput {
+    /// Name.
+    pub name: String,
+    /// Scopes (at least one).
+    pub scopes: Vec<Scope>,
+    /// Expiry date.
+    pub expires_at: Option<Date>,
+}
+
+/// The domain service every transport calls.
+#[derive(Clone)]
+pub struct Service {
+    store: SharedStore,
+    clock: SharedClock,
+    rng: Arc<SystemRandom>,
+}
+
+impl std::fmt::Debug for Service {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Service")
+            .field("backend", &self.store.backend())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Service {
+    /// A service over `store`, reading time from `clock`.
+    pub fn new(store: SharedStore, clock: SharedClock) -> Self {
+        Self {
+            store,
+            clock,
+            rng: Arc::new(crypto::system_random()),
+        }
+    }
+
+    /// The store underneath (for health checks and shutdown).
+    pub fn store(&self) -> &SharedStore {
+        &self.store
+    }
+
+    /// The current time.
+    pub fn now(&self) -> Timestamp {
+        self.clock.now()
+    }
+
+    // ---- authentication -------------------------------------------------------------
+
+    /// Authenticates a personal access token for a request with `intent`.
+    pub async fn authenticate(&self, token: Option<&str>, intent: Intent) -> Result<Caller> {
+        let token = token.filter(|t| !t.is_empty()).ok_or(Error::Unauthorized)?;
+        let digest = TokenDigest::of(token);
+        let (pat, user) = self
+            .store
+            .personal_token(&digest)
+            .await?
+            .ok_or(Error::Unauthorized)?;
+        if !pat.is_active(self.now()) || user.state != "active" {
+            return Err(Error::Unauthorized);
+        }
+        let allowed = match intent {
+            Intent::Read => pat
+                .scopes
+                .iter()
+                .any(|s| matches!(s, Scope::Api | Scope::ReadApi)),
+            Intent::Write => pat.scopes.contains(&Scope::Api),
+        };
+        if !allowed {
+            return Err(Error::InsufficientScope);
+        }
+        Ok(Caller {
+            user,
+            operator: false,
+        })
+    }
+
+    /// On an empty database, creates the administrator `root` with an `api` token: `token`
+    /// when given, else a new random one. Returns the token when it was created here.
+    pub async fn bootstrap(&self, token: Option<Secret>) -> Result<Option<Secret>> {
+        let token = match token {
+            Some(token) => token,
+            None => crypto::new_personal_token(self.rng.as_ref())?,
+        };
+        let now = self.now();
+        let created = self
+            .store
+            .bootstrap_admin(
+                NewUser {
+                    username: "root".into(),
+                    name: "Administrator".into(),
+                    email: "admin@example.com".into(),
+                    is_admin: true,
+                    created_at: now,
+                },
+                NewPersonalToken {
+                    name: "bootstrap".into(),
+                    digest: token.digest(),
+                    scopes: vec![Scope::Api],
+                    expires_at: None,
+                    created_at: now,
+                },
+            )
+            .await?;
+        Ok(created.then_some(token))
+    }
+
+    // ---- users ----------------------------------------------------------------------
+
+    /// Creates a user (administrators only).
+    pub async fn create_user(&self, caller: &Caller, input: NewUserInput) -> Result<User> {
+        require_admin(caller)?;
+        let mut fields = Vec::new();
+        for (field, errors) in [
+            ("email", validate::email(&input.email)),
+            ("name", validate::display_name(&input.name)),
+            ("username", validate::username(&input.username)),
+        ] {
+            if !errors.is_empty() {
+                fields.push((field.to_owned(), errors));
+            }
+        }
+        if !fields.is_empty() {
+            return Err(Error::AttributeValidation(fields));
+        }
+        let conflict = |(username, email): (bool, bool)| {
+            if username {
+                Error::AlreadyExists("Username has already been taken".into())
+            } else if email {
+                Error::AlreadyExists("Email has already been taken".into())
+            } else {
+                Error::AlreadyExists("User already exists".into())
+            }
+        };
+        let taken = self.store.user_taken(&input.username, &input.email).await?;
+        if taken.0 || taken.1 {
+            return Err(conflict(taken));
+        }
+        let created = self
+            .store
+            .create_user(NewUser {
+                username: input.username.clone(),
+                name: input.name,
+                email: input.email.clone(),
+                is_admin: input.admin,
+                created_at: self.now(),
+            })
+            .await;
+        match created {
+            Err(Error::Conflict) => Err(conflict(
+                self.store.user_taken(&input.username, &input.email).await?,
+            )),
+            other => other,
+        }
+    }
+
+    /// A user by id; any authenticated caller may look.
+    pub async fn user(&self, _caller: &Caller, id: Id) -> Result<User> {
+        self.store
+            .user(id)
+            .await?
+            .ok_or(Error::NotFound(Missing::User))
+    }
+
+    /// A user by username.
+    pub async fn user_by_username(&self, username: &str) -> Result<User> {
+        self.store
+            .user_by_username(username)
+            .await?
+            .ok_or(Error::NotFound(Missing::User))
+    }
+
+    /// Creates a personal access token for a user (administrators only).
+    pub async fn create_personal_token(
+        &self,
+        caller: &Caller,
+        user_id: Id,
+        input: NewTokenInput,
+    ) -> Result<(PersonalAccessToken, Secret)> {
+        require_admin(caller)?;
+        if input.name.trim().is_empty() {
+            return Err(Error::AttributeValidation(vec![(
+                "name".into(),
+                vec!["can't be blank".into()],
+            )]));
+        }
+        if input.scopes.is_empty() {
+            return Err(Error::param(ParamProblem::NotAllowed("scopes".into())));
+        }
+        let user = self.user(caller, user_id).await?;
+        let secret = crypto::new_personal_token(self.rng.as_ref())?;
+        let token = self
+            .store
+            .create_personal_token(
+                user.id,
+                NewPersonalToken {
+                    name: input.name,
+                    digest: secret.digest(),
+                    scopes: input.scopes,
+                    expires_at: input.expires_at,
+                    created_at: self.now(),
+                },
+            )
+            .await?;
+        Ok((token, secret))
+    }
+
+    // ---- projects and members -------------------------------------------------------
+
+    async fn find_project(&self, project: &ProjectRef) -> Result<Project> {
+        let found = match project {
+            ProjectRef::Id(id) => self.store.project(*id).await?,
+            ProjectRef::Path { namespace, project } => {
+                self.store.project_by_path(namespace, project).await?
+            }
+            ProjectRef::Invalid => None,
+        };
+        found.ok_or(Error::NotFound(Missing::Project))
+    }
+
+    /// The project, if the caller is a member with at least `need`; `below` otherwise.
+    /// Non-members get `404 Project Not Found`, as projects are private.
+    async fn project_with_role(
+        &self,
+        caller: &Caller,
+        project: &ProjectRef,
+        need: AccessLevel,
+        below: Error,
+    ) -> Result<(Project, Option<AccessLevel>)> {
+        let project = self.find_project(project).await?;
+        let level = self.store.access_level(project.id, caller.user.id).await?;
+        if caller.is_admin() {
+            return Ok((project, level));
+        }
+        match level {
+            None => Err(Error::NotFound(Missing::Project)),
+            Some(level) if level >= need => Ok((project, Some(level))),
+            Some(_) => Err(below),
+        }
+    }
+
+    /// Creates a project in the caller's namespace (or, for administrators, `namespace_id`'s).
+    pub async fn create_project(&self, caller: &Caller, input: NewProjectInput) -> Result<Project> {
+        let owner = match input.namespace_id {
+            Some(id) if id == caller.user.id => caller.user.clone(),
+            Some(id) if caller.is_admin() => self
+                .store
+                .user(id)
+                .await?
+                .ok_or(Error::NotFound(Missing::Resource))?,
+            Some(_) => return Err(Error::NotFound(Missing::Resource)),
+            None if caller.operator => {
+                return Err(Error::param(ParamProblem::Missing("namespace_id".into())));
+            }
+            None => caller.user.clone(),
+        };
+        let (name, path) = match (input.name, input.path) {
+            (Some(name), Some(path)) => (name, path),
+            (Some(name), None) => {
+                let path = validate::path_from_name(&name);
+                (name, path)
+            }
+            (None, Some(path)) => (path.clone(), path),
+            (None, None) => {
+                return Err(Error::Params(vec![ParamProblem::Missing(
+                    "name, path are missing, at least one parameter must be provided".into(),
+                )]));
+            }
+        };
+        let mut fields = Vec::new();
+        for (field, errors) in [
+            ("name", validate::project_name(&name)),
+            ("path", validate::project_path(&path)),
+        ] {
+            if !errors.is_empty() {
+                fields.push((field.to_owned(), errors));
+            }
+        }
+        if !fields.is_empty() {
+            return Err(Error::AttributeValidation(fields));
+        }
+        let created = self
+            .store
+            .create_project(NewProject {
+                creator_id: owner.id,
+                name,
+                path,
+                description: input.description.unwrap_or_default(),
+                created_at: self.now(),
+            })
+            .await?;
+        created.map_err(|taken| {
+            let mut fields = Vec::new();
+            if taken.name {
+                fields.push(("name".to_owned(), vec!["has already been taken".to_owned()]));
+            }
+            if taken.path {
+                fields.push(("path".to_owned(), vec!["has already been taken".to_owned()]));
+            }
+            Error::AttributeValidation(fields)
+        })
+    }
+
+    /// A project any member (or an administrator) can see.
+    pub async fn project(&self, caller: &Caller, project: &ProjectRef) -> Result<Project> {
+        let (project, _) = self
+            .project_with_role(
+                caller,
+                project,
+                AccessLevel::Guest,
+                Error::NotFound(Missing::Project),
+            )
+            .await?;
+        Ok(project)
+    }
+
+    /// The projects the caller is a member of (all of them for administrators).
+    pub async fn list_projects(
+        &self,
+        caller: &Caller,
+        page: PageRequest,
+    ) -> Result<Paged<Project>> {
+        let member = (!caller.is_admin()).then_some(caller.user.id);
+        self.store.list_projects(member, page).await
+    }
+
+    /// Adds a member (Maintainer; Owner to add an Owner).
+    pub async fn add_member(
+        &self,
+        caller: &Caller,
+        project: &ProjectRef,
+        user_id: Id,
+        level: AccessLevel,
+    ) -> Result<Member> {
+        let (project, caller_level) = self
+            .project_with_role(caller, project, AccessLevel::Maintainer, Error::Forbidden)
+            .await?;
+        if level == AccessLevel::Owner
+            && !caller.is_admin()
+            && caller_level != Some(AccessLevel::Owner)
+        {
+            return Err(Error::Forbidden);
+        }
+        let user = self
+            .store
+            .user(user_id)
+            .await?
+            .ok_or(Error::NotFound(Missing::User))?;
+        match self
+            .store
+            .add_member(project.id, user.id, level, self.now())
+            .await
+        {
+            Err(Error::Conflict) => Err(Error::AlreadyExists("Member already exists".into())),
+            other => other,
+        }
+    }
+
+    /// The members of a project (any member may list them).
+    pub async fn list_members(
+        &self,
+        caller: &Caller,
+        project: &ProjectRef,
+        page: PageRequest,
+    ) -> Result<Paged<Member>> {
+        let project = self.project(caller, project).await?;
+        self.store.list_members(project.id, page).await
+    }
+
+    /// One member of a project.
+    pub async fn member(
+        &self,
+        caller: &Caller,
+        project: &ProjectRef,
+        user_id: Id,
+    ) -> Result<Member> {
+        let project = self.project(caller, project).await?;
+        self.store
+            .member(project.id, user_id)
+            .await?
+            .ok_or(Error::NotFound(Missing::Member))
+    }
+
+    /// Removes a member (Maintainer, Owner to remove an Owner; anyone may leave).
+    /// The last Owner stays.
+    pub async fn remove_member(
+        &self,
+        caller: &Caller,
+        project: &ProjectRef,
+        user_id: Id,
+    ) -> Result<()> {
+        let leaving = user_id == caller.user.id;
+        let need = if leaving {
+            AccessLevel::Guest
+        } else {
+            AccessLevel::Maintainer
+        };
+        let (project, caller_level) = self
+            .project_with_role(caller, project, need, Error::Forbidden)
+            .await?;
+        let member = self
+            .store
+            .member(project.id, user_id)
+            .await?
+            .ok_or(Error::NotFound(Missing::Member))?;
+        if member.access_level == AccessLevel::Owner
+            && !leaving
+            && !caller.is_admin()
+            && caller_level != Some(AccessLevel::Owner)
+        {
+            return Err(Error::Forbidden);
+        }
+        match self.store.remove_member(project.id, user_id).await? {
+            MemberRemoved::Removed => Ok(()),
+            MemberRemoved::NotMember => Err(Error::NotFound(Missing::Member)),
+            MemberRemoved::LastOwner => Err(Error::Forbidden),
+        }
+    }
+
+    // ---- agents ---------------------------------------------------------------------
+
+    /// The project's agents (Developer).
+    pub async fn list_agents(
+        &self,
+        caller: &Caller,
+        project: &ProjectRef,
+        page: PageRequest,
+    ) -> Result<Paged<Agent>> {
+        let (project, _) = self
+            .project_with_role(
+                caller,
+                project,
+                AccessLevel::Developer,
+                Error::NotFound(Missing::ClusterAgents),
+            )
+            .await?;
+        self.store.list_agents(project.id, page).await
+    }
+
+    async fn agent_of(&self, project: &Project, agent_id: Id) -> Result<Agent> {
+        self.store
+            .agent(project.id, agent_id)
+            .await?
+            .ok_or(Error::NotFound(Missing::Record))
+    }
+
+    /// One agent (Developer).
+    pub async fn agent(
+        &self,
+        caller: &Caller,
+        project: &ProjectRef,
+        agent_id: Id,
+    ) -> Result<Agent> {
+        let (project, _) = self
+            .project_with_role(
+                caller,
+                project,
+                AccessLevel::Developer,
+                Error::NotFound(Missing::Record),
+            )
+            .await?;
+        self.agent_of(&project, agent_id).await
+    }
+
+    /// Registers an agent (Maintainer).
+    pub async fn register_agent(
+        &self,
+        caller: &Caller,
+        project: &ProjectRef,
+        name: &str,
+    ) -> Result<Agent> {
+        let (project, _) = self
+            .project_with_role(caller, project, AccessLevel::Maintainer, Error::Forbidden)
+            .await?;
+        let errors = validate::agent_name(name);
+        if !errors.is_empty() {
+            return Err(Error::Validation(errors));
+        }
+        match self
+            .store
+            .register_agent(project.id, name, caller.user.id, self.now())
+            .await
+        {
+            Err(Error::Conflict) => Err(Error::invalid("Name has already been taken")),
+            other => other,
+        }
+    }
+
+    /// Deletes an agent with its tokens (Maintainer, checked before the agent is looked up).
+    pub async fn delete_agent(
+        &self,
+        caller: &Caller,
+        project: &ProjectRef,
+        agent_id: Id,
+        unmodified_since: Option<Timestamp>,
+    ) -> Result<()> {
+        let (project, _) = self
+            .project_with_role(caller, project, AccessLevel::Maintainer, Error::Forbidden)
+            .await?;
+        self.store
+            .delete_agent(project.id, agent_id, unmodified_since)
+            .await
+    }
+
+    // ---- agent tokens ---------------------------------------------------------------
+
+    async fn agent_with_role(
+        &self,
+        caller: &Caller,
+        project: &ProjectRef,
+        agent_id: Id,
+        need: AccessLevel,
+    ) -> Result<Agent> {
+        let below = if need >= AccessLevel::Maintainer {
+            Error::Forbidden
+        } else {
+            Error::NotFound(Missing::Record)
+        };
+        let (project, _) = self.project_with_role(caller, project, need, below).await?;
+        self.agent_of(&project, agent_id).await
+    }
+
+    /// An agent's active tokens (Developer).
+    pub async fn list_agent_tokens(
+        &self,
+        caller: &Caller,
+        project: &ProjectRef,
+        agent_id: Id,
+        page: PageRequest,
+    ) -> Result<Paged<AgentToken>> {
+        let agent = self
+            .agent_with_role(caller, project, agent_id, AccessLevel::Developer)
+            .await?;
+        self.store.list_agent_tokens(agent.id, page).await
+    }
+
+    /// One active token (Developer).
+    pub async fn agent_token(
+        &self,
+        caller: &Caller,
+        project: &ProjectRef,
+        agent_id: Id,
+        token_id: Id,
+    ) -> Result<AgentToken> {
+        let agent = self
+            .agent_with_role(caller, project, agent_id, AccessLevel::Developer)
+            .await?;
+        self.store
+            .agent_token(agent.id, token_id)
+            .await?
+            .ok_or(Error::NotFound(Missing::Record))
+    }
+
+    /// Creates a token (Maintainer); at most [`AGENT_TOKEN_LIMIT`] active per agent.
+    pub async fn create_agent_token(
+        &self,
+        caller: &Caller,
+        project: &ProjectRef,
+        agent_id: Id,
+        name: &str,
+        description: Option<&str>,
+    ) -> Result<(AgentToken, Secret)> {
+        let agent = self
+            .agent_with_role(caller, project, agent_id, AccessLevel::Maintainer)
+            .await?;
+        let errors = validate::agent_token(name, description);
+        if !errors.is_empty() {
+            return Err(Error::Validation(errors));
+        }
+        let secret = crypto::new_agent_token(self.rng.as_ref())?;
+        let created = self
+            .store
+            .create_agent_token(
+                agent.id,
+                NewAgentToken {
+                    name: name.to_owned(),
+                    description: description.map(str::to_owned),
+                    digest: secret.digest(),
+                    created_by_user_id: caller.user.id,
+                    created_at: self.now(),
+                },
+                AGENT_TOKEN_LIMIT,
+            )
+            .await?;
+        match created {
+            TokenCreated::Created(token) => Ok((token, secret)),
+            TokenCreated::LimitReached => Err(Error::BadRequest(
+                "An agent can have only two active tokens at a time".into(),
+            )),
+        }
+    }
+
+    /// Revokes a token (Maintainer); revoking a revoked token succeeds.
+    pub async fn revoke_agent_token(
+        &self,
+        caller: &Caller,
+        project: &ProjectRef,
+        agent_id: Id,
+        token_id: Id,
+    ) -> Result<()> {
+        let agent = self
+            .agent_with_role(caller, project, agent_id, AccessLevel::Maintainer)
+            .await?;
+        if self.store.revoke_agent_token(agent.id, token_id).await? {
+            Ok(())
+        } else {
+            Err(Error::NotFound(Missing::Record))
+        }
+    }
+}
+
+fn require_admin(caller: &Caller) -> Result<()> {
+    if caller.is_admin() {
+        Ok(())
+    } else {
+        Err(Error::Forbidden)
+    }
+}

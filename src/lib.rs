@@ -1,0 +1,10 @@
+//! kas-gateway: the GitLab side of receptive Kubernetes agents, as a standalone service.
+
+pub mod clock;
+pub mod config;
+pub mod crypto;
+pub mod domain;
+pub mod rest;
+pub mod server;
+pub mod store;
+pub mod telemetry;

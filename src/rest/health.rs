@@ -1,0 +1,43 @@
+//! `/-/liveness`, `/-/readiness`, `/-/health`, as GitLab names them.
+
+use axum::Json;
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use http::StatusCode;
+use serde_json::json;
+
+use super::App;
+
+/// The process is up.
+#[utoipa::path(get, path = "/-/liveness", tag = "health", responses((status = 200, description = "Alive")))]
+pub async fn liveness() -> Json<serde_json::Value> {
+    Json(json!({"status": "ok"}))
+}
+
+/// The process can serve: the database answers.
+#[utoipa::path(
+    get, path = "/-/readiness", tag = "health",
+    responses((status = 200, description = "Ready"), (status = 503, description = "The database is unreachable"))
+)]
+pub async fn readiness(State(app): State<App>) -> Response {
+    match app.service.store().ping().await {
+        Ok(()) => Json(json!({"status": "ok", "db_check": [{"status": "ok"}]})).into_response(),
+        Err(error) => {
+            tracing::warn!(%error, "readiness check failed");
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Json(json!({
+                    "status": "failed",
+                    "db_check": [{"status": "failed", "message": "database unreachable"}],
+                })),
+            )
+                .into_response()
+        }
+    }
+}
+
+/// A plain-text health check.
+#[utoipa::path(get, path = "/-/health", tag = "health", responses((status = 200, description = "Healthy", body = String)))]
+pub async fn health() -> &'static str {
+    "kas-gateway OK"
+}

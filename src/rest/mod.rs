@@ -1,0 +1,164 @@
+//! The REST transport: GitLab's `/api/v4` endpoints over axum. Handlers parse, call the
+//! domain service and render; they hold no SQL, crypto or policy.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::Json;
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use serde_json::json;
+use utoipa::OpenApi;
+use utoipa::openapi::security::{ApiKey, ApiKeyValue, SecurityScheme};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use crate::domain::{Error, Service};
+
+pub mod agents;
+pub mod extract;
+pub mod health;
+pub mod paginate;
+pub mod projects;
+pub mod repr;
+pub mod users;
+
+/// Largest accepted request body.
+pub const MAX_BODY_BYTES: usize = 1024 * 1024;
+
+/// What every handler shares.
+#[derive(Clone, Debug)]
+pub struct App {
+    /// The domain service.
+    pub service: Service,
+    /// Base URL for `Link` headers and `web_url`s, without a trailing slash.
+    pub external_url: Arc<str>,
+}
+
+impl IntoResponse for Error {
+    fn into_response(self) -> Response {
+        match &self {
+            Error::Internal(cause) => tracing::error!(%cause, "request failed"),
+            Error::Unavailable(cause) => tracing::warn!(%cause, "store unavailable"),
+            _ => {}
+        }
+        let reply = self.reply();
+        (reply.status, Json(reply.body)).into_response()
+    }
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "kas-gateway",
+        description = "GitLab's Kubernetes agent API (agents, agent tokens) and the user, project and member endpoints that set a gateway up."
+    ),
+    modifiers(&PrivateToken),
+    tags(
+        (name = "cluster_agents", description = "Kubernetes agents"),
+        (name = "cluster_agent_tokens", description = "Agent tokens"),
+        (name = "users", description = "Users and personal access tokens"),
+        (name = "projects", description = "Projects"),
+        (name = "members", description = "Project members"),
+        (name = "health", description = "Probes"),
+    )
+)]
+struct ApiDoc;
+
+struct PrivateToken;
+
+impl utoipa::Modify for PrivateToken {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "private_token",
+            SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::new("Private-Token"))),
+        );
+    }
+}
+
+/// Every REST route with its OpenAPI document.
+fn api() -> (Router<App>, utoipa::openapi::OpenApi) {
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(agents::list_agents, agents::register_agent))
+        .routes(routes!(agents::get_agent, agents::delete_agent))
+        .routes(routes!(agents::list_tokens, agents::create_token))
+        .routes(routes!(agents::get_token, agents::revoke_token))
+        .routes(routes!(users::current_user))
+        .routes(routes!(users::create_user))
+        .routes(routes!(users::get_user))
+        .routes(routes!(users::create_personal_token))
+        .routes(routes!(projects::create_project, projects::list_projects))
+        .routes(routes!(projects::get_project))
+        .routes(routes!(projects::add_member, projects::list_members))
+        .routes(routes!(projects::get_member, projects::remove_member))
+        .routes(routes!(health::liveness))
+        .routes(routes!(health::readiness))
+        .routes(routes!(health::health))
+        .split_for_parts()
+}
+
+/// The OpenAPI document of every REST endpoint.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    api().1
+}
+
+/// The REST router, with its fallbacks, limits and request log.
+pub fn router(app: App) -> Router {
+    let (routes, document) = api();
+    let document = Arc::new(document);
+    routes
+        .route(
+            "/api/v4/openapi.json",
+            get(move || {
+                let document = Arc::clone(&document);
+                async move { Json(document.as_ref().clone()) }
+            }),
+        )
+        .fallback(|| async {
+            (
+                http::StatusCode::NOT_FOUND,
+                Json(json!({"error": "404 Not Found"})),
+            )
+        })
+        .method_not_allowed_fallback(|| async {
+            (
+                http::StatusCode::METHOD_NOT_ALLOWED,
+                Json(json!({"error": "405 Not Allowed"})),
+            )
+        })
+        .layer(axum::middleware::from_fn(log_request))
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(
+            |_: Box<dyn std::any::Any + Send>| {
+                tracing::error!("a request handler panicked");
+                Error::Internal("panic".into()).into_response()
+            },
+        ))
+        .with_state(app)
+}
+
+/// One log line per request: method, route template, status, duration. Never the query
+/// string, which may carry a token.
+async fn log_request(request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let method = request.method().clone();
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "<unmatched>".to_owned(), |p| p.as_str().to_owned());
+    let response = next.run(request).await;
+    let elapsed = started.elapsed();
+    tracing::info!(
+        target: "kas_gateway::http",
+        %method,
+        route,
+        status = response.status().as_u16(),
+        duration_us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX),
+        "request"
+    );
+    response
+}

@@ -1,0 +1,393 @@
+//! JSON representations, field for field as GitLab renders them.
+
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use crate::crypto::Secret;
+use crate::domain::{
+    Agent, AgentToken, Id, Member, PersonalAccessToken, Project, User, format_date,
+};
+
+/// `config_project` of an agent (GitLab's `ProjectIdentity`).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ProjectIdentity {
+    /// Project id.
+    pub id: Id,
+    /// Description (empty string when none).
+    pub description: String,
+    /// Name.
+    pub name: String,
+    /// `<namespace name> / <project name>`.
+    pub name_with_namespace: String,
+    /// Path.
+    pub path: String,
+    /// `<namespace path>/<project path>`.
+    pub path_with_namespace: String,
+    /// ISO 8601 creation time.
+    #[schema(example = "2022-03-20T20:42:40.221Z")]
+    pub created_at: String,
+}
+
+impl From<&Project> for ProjectIdentity {
+    fn from(project: &Project) -> Self {
+        Self {
+            id: project.id,
+            description: project.description.clone(),
+            name: project.name.clone(),
+            name_with_namespace: project.name_with_namespace(),
+            path: project.path.clone(),
+            path_with_namespace: project.path_with_namespace(),
+            created_at: project.created_at.to_iso8601(),
+        }
+    }
+}
+
+/// A Kubernetes agent.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AgentJson {
+    /// Agent id.
+    pub id: Id,
+    /// Agent name.
+    pub name: String,
+    /// The project the agent belongs to.
+    pub config_project: ProjectIdentity,
+    /// ISO 8601 creation time.
+    pub created_at: String,
+    /// Who registered the agent.
+    pub created_by_user_id: Id,
+    /// True while the agent has a URL configuration (receptive agent).
+    pub is_receptive: bool,
+}
+
+impl From<&Agent> for AgentJson {
+    fn from(agent: &Agent) -> Self {
+        Self {
+            id: agent.id,
+            name: agent.name.clone(),
+            config_project: (&agent.project).into(),
+            created_at: agent.created_at.to_iso8601(),
+            created_by_user_id: agent.created_by_user_id,
+            is_receptive: agent.is_receptive,
+        }
+    }
+}
+
+/// An agent token as listed.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AgentTokenJson {
+    /// Token id.
+    pub id: Id,
+    /// Name.
+    pub name: String,
+    /// Description.
+    pub description: Option<String>,
+    /// The agent the token belongs to.
+    pub agent_id: Id,
+    /// `active` or `revoked`.
+    #[schema(example = "active")]
+    pub status: String,
+    /// ISO 8601 creation time.
+    pub created_at: String,
+    /// Who created the token.
+    pub created_by_user_id: Id,
+}
+
+impl From<&AgentToken> for AgentTokenJson {
+    fn from(token: &AgentToken) -> Self {
+        Self {
+            id: token.id,
+            name: token.name.clone(),
+            description: token.description.clone(),
+            agent_id: token.agent_id,
+            status: token.status.as_str().to_owned(),
+            created_at: token.created_at.to_iso8601(),
+            created_by_user_id: token.created_by_user_id,
+        }
+    }
+}
+
+/// A single agent token, with `last_used_at`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AgentTokenDetailJson {
+    /// The listed fields.
+    #[serde(flatten)]
+    pub token: AgentTokenJson,
+    /// Last time an agent authenticated with it.
+    pub last_used_at: Option<String>,
+}
+
+impl From<&AgentToken> for AgentTokenDetailJson {
+    fn from(token: &AgentToken) -> Self {
+        Self {
+            token: token.into(),
+            last_used_at: token.last_used_at.map(|t| t.to_iso8601()),
+        }
+    }
+}
+
+/// A new agent token: the only response that carries the secret.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct NewAgentTokenJson {
+    /// The token's fields.
+    #[serde(flatten)]
+    pub token: AgentTokenDetailJson,
+    /// The secret, shown once.
+    #[serde(rename = "token")]
+    #[schema(example = "glagent-qeY8UVRisx9y3Loxo1scLxFuRxYcgeX3sxsdrpP_fR3Loq4xyg")]
+    pub token_secret: SecretField,
+}
+
+/// A secret rendered as `"token"` in JSON; kept out of `Debug`.
+#[derive(Serialize, ToSchema)]
+#[serde(transparent)]
+#[schema(value_type = String)]
+pub struct SecretField(String);
+
+impl std::fmt::Debug for SecretField {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("[REDACTED]")
+    }
+}
+
+impl From<&Secret> for SecretField {
+    fn from(secret: &Secret) -> Self {
+        Self(secret.expose().to_owned())
+    }
+}
+
+/// A user's public fields.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct UserJson {
+    /// User id.
+    pub id: Id,
+    /// Username.
+    pub username: String,
+    /// Display name.
+    pub name: String,
+    /// `active`.
+    pub state: String,
+    /// Always false.
+    pub locked: bool,
+    /// Always null.
+    pub avatar_url: Option<String>,
+    /// Profile URL.
+    pub web_url: String,
+    /// ISO 8601 creation time.
+    pub created_at: String,
+    /// Private fields, for the user themselves and administrators.
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub private: Option<UserPrivateJson>,
+}
+
+/// Fields only the user and administrators see.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct UserPrivateJson {
+    /// E-mail.
+    pub email: String,
+    /// Administrator flag.
+    pub is_admin: bool,
+    /// Always false.
+    pub bot: bool,
+}
+
+impl UserJson {
+    /// Renders `user`, with private fields when `private`.
+    pub fn new(user: &User, external_url: &str, private: bool) -> Self {
+        Self {
+            id: user.id,
+            username: user.username.clone(),
+            name: user.name.clone(),
+            state: user.state.clone(),
+            locked: false,
+            avatar_url: None,
+            web_url: format!("{external_url}/{}", user.username),
+            created_at: user.created_at.to_iso8601(),
+            private: private.then(|| UserPrivateJson {
+                email: user.email.clone(),
+                is_admin: user.is_admin,
+                bot: false,
+            }),
+        }
+    }
+}
+
+/// A personal access token.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct PersonalTokenJson {
+    /// Token id.
+    pub id: Id,
+    /// Name.
+    pub name: String,
+    /// Whether it was revoked.
+    pub revoked: bool,
+    /// ISO 8601 creation time.
+    pub created_at: String,
+    /// Always null.
+    pub description: Option<String>,
+    /// `api`, `read_api`.
+    pub scopes: Vec<String>,
+    /// Owner.
+    pub user_id: Id,
+    /// Last use.
+    pub last_used_at: Option<String>,
+    /// Not revoked and not expired.
+    pub active: bool,
+    /// `YYYY-MM-DD` or null.
+    pub expires_at: Option<String>,
+    /// The secret, in the create response only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token: Option<SecretField>,
+}
+
+impl PersonalTokenJson {
+    /// Renders a token, with its secret when just created.
+    pub fn new(token: &PersonalAccessToken, active: bool, secret: Option<&Secret>) -> Self {
+        Self {
+            id: token.id,
+            name: token.name.clone(),
+            revoked: token.revoked,
+            created_at: token.created_at.to_iso8601(),
+            description: None,
+            scopes: token.scopes.iter().map(|s| s.as_str().to_owned()).collect(),
+            user_id: token.user_id,
+            last_used_at: token.last_used_at.map(|t| t.to_iso8601()),
+            active,
+            expires_at: token.expires_at.map(format_date),
+            token: secret.map(SecretField::from),
+        }
+    }
+}
+
+/// A user namespace.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct NamespaceJson {
+    /// Id.
+    pub id: Id,
+    /// Name.
+    pub name: String,
+    /// Path.
+    pub path: String,
+    /// Always `user`.
+    pub kind: String,
+    /// Same as `path`.
+    pub full_path: String,
+    /// Always null.
+    pub parent_id: Option<Id>,
+    /// Always null.
+    pub avatar_url: Option<String>,
+    /// URL.
+    pub web_url: String,
+}
+
+/// A project.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ProjectJson {
+    /// The identity fields.
+    #[serde(flatten)]
+    pub identity: ProjectIdentity,
+    /// Always null.
+    pub default_branch: Option<String>,
+    /// Always empty.
+    pub tag_list: Vec<String>,
+    /// Always empty.
+    pub topics: Vec<String>,
+    /// URL.
+    pub web_url: String,
+    /// Always null.
+    pub avatar_url: Option<String>,
+    /// Always 0.
+    pub forks_count: i64,
+    /// Always 0.
+    pub star_count: i64,
+    /// Creation time.
+    pub last_activity_at: String,
+    /// The namespace.
+    pub namespace: NamespaceJson,
+    /// Always `private`.
+    pub visibility: String,
+}
+
+impl ProjectJson {
+    /// Renders a project.
+    pub fn new(project: &Project, external_url: &str) -> Self {
+        Self {
+            identity: project.into(),
+            default_branch: None,
+            tag_list: Vec::new(),
+            topics: Vec::new(),
+            web_url: format!("{external_url}/{}", project.path_with_namespace()),
+            avatar_url: None,
+            forks_count: 0,
+            star_count: 0,
+            last_activity_at: project.created_at.to_iso8601(),
+            namespace: NamespaceJson {
+                id: project.namespace.id,
+                name: project.namespace.name.clone(),
+                path: project.namespace.path.clone(),
+                kind: "user".into(),
+                full_path: project.namespace.path.clone(),
+                parent_id: None,
+                avatar_url: None,
+                web_url: format!("{external_url}/{}", project.namespace.path),
+            },
+            visibility: "private".into(),
+        }
+    }
+}
+
+/// A project member.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct MemberJson {
+    /// User id.
+    pub id: Id,
+    /// Username.
+    pub username: String,
+    /// Name.
+    pub name: String,
+    /// `active`.
+    pub state: String,
+    /// Always false.
+    pub locked: bool,
+    /// Always null.
+    pub avatar_url: Option<String>,
+    /// Profile URL.
+    pub web_url: String,
+    /// 10, 15, 20, 30, 40 or 50.
+    pub access_level: i64,
+    /// ISO 8601 time the membership was created.
+    pub created_at: String,
+    /// Always null.
+    pub expires_at: Option<String>,
+    /// Always `active`.
+    pub membership_state: String,
+}
+
+impl MemberJson {
+    /// Renders a member.
+    pub fn new(member: &Member, external_url: &str) -> Self {
+        Self {
+            id: member.user.id,
+            username: member.user.username.clone(),
+            name: member.user.name.clone(),
+            state: member.user.state.clone(),
+            locked: false,
+            avatar_url: None,
+            web_url: format!("{external_url}/{}", member.user.username),
+            access_level: member.access_level.value(),
+            created_at: member.created_at.to_iso8601(),
+            expires_at: None,
+            membership_state: "active".into(),
+        }
+    }
+}
+
+/// GitLab's error bodies: `{"message": …}` or `{"error": …}`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorJson {
+    /// For most errors: `404 Not found`, `400 Bad request - [...]`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message: Option<serde_json::Value>,
+    /// For parameter errors: `name is missing`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}

@@ -1,0 +1,157 @@
+//! Start-up and shutdown: data directory, store, migrations, bootstrap, listeners.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::clock::SharedClock;
+use crate::config::{Config, database_kind};
+use crate::domain::Service;
+use crate::rest;
+use crate::store::{self, SharedStore};
+
+/// Name of the file, in the data directory, that receives a generated root token.
+pub const ROOT_TOKEN_FILE: &str = "root-token";
+
+/// Creates the data directory, opens the store and applies migrations.
+pub async fn open_store(config: &Config) -> anyhow::Result<SharedStore> {
+    create_private_dir(&config.data_dir)?;
+    let url = config.database_url.expose();
+    let store = store::connect(url, config.database_max_connections)
+        .await
+        .with_context(|| format!("opening the {} database", database_kind(url)))?;
+    store.migrate().await.context("applying migrations")?;
+    tracing::info!(backend = store.backend(), "database ready");
+    Ok(store)
+}
+
+fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("creating the data directory {}", dir.display()))
+}
+
+/// On an empty database, creates `root` with the configured token, or with a random one
+/// written to a mode-0600 file in the data directory (the log names the file, never the token).
+pub async fn bootstrap(service: &Service, config: &Config) -> anyhow::Result<()> {
+    let configured = config.bootstrap_token.clone();
+    let from_config = configured.is_some();
+    let Some(token) = service.bootstrap(configured).await? else {
+        if from_config {
+            tracing::info!("users exist already: the bootstrap token is not used");
+        }
+        return Ok(());
+    };
+    if from_config {
+        tracing::info!("created the administrator root with the configured bootstrap token");
+        return Ok(());
+    }
+    let path = config.data_dir.join(ROOT_TOKEN_FILE);
+    write_private_file(&path, token.expose())?;
+    tracing::info!(file = %path.display(), "created the administrator root; its token is in the file");
+    Ok(())
+}
+
+fn write_private_file(path: &Path, contents: &str) -> anyhow::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    writeln!(file, "{contents}")?;
+    file.sync_all()?;
+    Ok(())
+}
+
+/// A running gateway.
+#[derive(Debug)]
+pub struct Server {
+    /// The bound HTTP address.
+    pub addr: SocketAddr,
+    /// The URL the gateway announces.
+    pub external_url: String,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+impl Server {
+    /// Waits until the server has shut down and the database is closed.
+    pub async fn wait(self) -> anyhow::Result<()> {
+        self.task.await.context("the server task failed")?
+    }
+}
+
+/// Opens everything and starts serving; stops when `shutdown` is cancelled, after
+/// in-flight requests finish.
+pub async fn start(
+    config: &Config,
+    clock: SharedClock,
+    shutdown: CancellationToken,
+) -> anyhow::Result<Server> {
+    let store = open_store(config).await?;
+    let service = Service::new(Arc::clone(&store), clock);
+    bootstrap(&service, config).await?;
+
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("listening on {}", config.listen))?;
+    let addr = listener.local_addr()?;
+    let external_url = config
+        .external_url
+        .clone()
+        .unwrap_or_else(|| format!("http://{addr}"));
+    let app = rest::App {
+        service,
+        external_url: Arc::from(external_url.as_str()),
+    };
+    let router = rest::router(app);
+    tracing::info!(%addr, %external_url, "listening");
+
+    let task = tokio::spawn(async move {
+        let served = axum::serve(listener, router)
+            .with_graceful_shutdown(shutdown.cancelled_owned())
+            .await;
+        store.close().await;
+        tracing::info!("stopped");
+        served.context("serving HTTP")
+    });
+    Ok(Server {
+        addr,
+        external_url,
+        task,
+    })
+}
+
+/// Cancels `token` on SIGINT or SIGTERM.
+pub fn cancel_on_signals(token: CancellationToken) {
+    tokio::spawn(async move {
+        let ctrl_c = tokio::signal::ctrl_c();
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(signal) => signal,
+                Err(error) => {
+                    tracing::error!(%error, "cannot listen for SIGTERM");
+                    let _ = ctrl_c.await;
+                    token.cancel();
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("shutting down: finishing in-flight requests");
+        token.cancel();
+    });
+}

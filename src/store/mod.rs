@@ -1,0 +1,248 @@
+//! Persistence: one trait of domain operations, implemented for SQLite and PostgreSQL.
+//!
+//! Both implementations share their SQL (`$N` placeholders work on both) through the
+//! `sql_store!` macro in [`sql`]; each backend owns its connection set-up, its
+//! transaction start and its migrations folder.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+use crate::crypto::TokenDigest;
+use crate::domain::{
+    AccessLevel, Agent, AgentToken, Id, Member, PageRequest, Paged, PersonalAccessToken, Project,
+    Result, Scope, Timestamp, User,
+};
+
+#[macro_use]
+mod sql;
+mod postgres;
+mod sqlite;
+
+pub use postgres::PgStore;
+pub use sqlite::SqliteStore;
+
+/// A user to create.
+#[derive(Clone, Debug)]
+pub struct NewUser {
+    /// Login name.
+    pub username: String,
+    /// Display name.
+    pub name: String,
+    /// E-mail address.
+    pub email: String,
+    /// Administrator flag.
+    pub is_admin: bool,
+    /// Creation time.
+    pub created_at: Timestamp,
+}
+
+/// A personal access token to create.
+#[derive(Clone, Debug)]
+pub struct NewPersonalToken {
+    /// Name.
+    pub name: String,
+    /// Digest of the secret.
+    pub digest: TokenDigest,
+    /// Scopes.
+    pub scopes: Vec<Scope>,
+    /// Expiry date, if any.
+    pub expires_at: Option<time::Date>,
+    /// Creation time.
+    pub created_at: Timestamp,
+}
+
+/// A project to create, in its creator's namespace.
+#[derive(Clone, Debug)]
+pub struct NewProject {
+    /// Creator; the project lives in their namespace and they become its Owner.
+    pub creator_id: Id,
+    /// Display name.
+    pub name: String,
+    /// Path.
+    pub path: String,
+    /// Description.
+    pub description: String,
+    /// Creation time.
+    pub created_at: Timestamp,
+}
+
+/// Which unique attribute of a project a create collided with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProjectTaken {
+    /// A project with this name exists in the namespace.
+    pub name: bool,
+    /// A project with this path exists in the namespace.
+    pub path: bool,
+}
+
+/// An agent token to create.
+#[derive(Clone, Debug)]
+pub struct NewAgentToken {
+    /// Name.
+    pub name: String,
+    /// Description.
+    pub description: Option<String>,
+    /// Digest of the secret.
+    pub digest: TokenDigest,
+    /// Creator.
+    pub created_by_user_id: Id,
+    /// Creation time.
+    pub created_at: Timestamp,
+}
+
+/// The outcome of an agent token create.
+#[derive(Clone, Debug)]
+pub enum TokenCreated {
+    /// Created.
+    Created(AgentToken),
+    /// The agent already has the maximum number of active tokens.
+    LimitReached,
+}
+
+/// The outcome of removing a member.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MemberRemoved {
+    /// Removed.
+    Removed,
+    /// Not a member.
+    NotMember,
+    /// The member is the project's last Owner and stays.
+    LastOwner,
+}
+
+/// The domain's storage operations. Errors are already domain errors: a missing row is
+/// [`crate::domain::Error::NotFound`], a unique violation [`crate::domain::Error::Conflict`],
+/// an unreachable database [`crate::domain::Error::Unavailable`].
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// `sqlite` or `postgres`.
+    fn backend(&self) -> &'static str;
+    /// Applies pending migrations.
+    async fn migrate(&self) -> Result<()>;
+    /// Checks that the database answers.
+    async fn ping(&self) -> Result<()>;
+    /// Closes every connection, waiting for in-flight queries.
+    async fn close(&self);
+
+    /// Creates the first administrator and its token if, and only if, there is no user yet.
+    /// Returns whether it did.
+    async fn bootstrap_admin(&self, user: NewUser, token: NewPersonalToken) -> Result<bool>;
+    /// Creates a user. Conflict when the username or e-mail is taken.
+    async fn create_user(&self, user: NewUser) -> Result<User>;
+    /// A user by id.
+    async fn user(&self, id: Id) -> Result<Option<User>>;
+    /// A user by username (case-insensitive).
+    async fn user_by_username(&self, username: &str) -> Result<Option<User>>;
+    /// Whether a username or an e-mail address is taken (case-insensitive).
+    async fn user_taken(&self, username: &str, email: &str) -> Result<(bool, bool)>;
+
+    /// Creates a personal access token for `user_id`.
+    async fn create_personal_token(
+        &self,
+        user_id: Id,
+        token: NewPersonalToken,
+    ) -> Result<PersonalAccessToken>;
+    /// The token with this digest and its user, whatever its state.
+    async fn personal_token(
+        &self,
+        digest: &TokenDigest,
+    ) -> Result<Option<(PersonalAccessToken, User)>>;
+
+    /// Creates a project and makes its creator Owner, unless the name or path is taken.
+    async fn create_project(&self, project: NewProject) -> Result<Result<Project, ProjectTaken>>;
+    /// A project by id.
+    async fn project(&self, id: Id) -> Result<Option<Project>>;
+    /// A project by namespace and project path (case-insensitive).
+    async fn project_by_path(&self, namespace: &str, path: &str) -> Result<Option<Project>>;
+    /// Projects `member_id` belongs to (all projects when `None`), newest first.
+    async fn list_projects(
+        &self,
+        member_id: Option<Id>,
+        page: PageRequest,
+    ) -> Result<Paged<Project>>;
+
+    /// The role `user_id` has in `project_id`, if a member.
+    async fn access_level(&self, project_id: Id, user_id: Id) -> Result<Option<AccessLevel>>;
+    /// Adds a member. Conflict when already a member.
+    async fn add_member(
+        &self,
+        project_id: Id,
+        user_id: Id,
+        level: AccessLevel,
+        at: Timestamp,
+    ) -> Result<Member>;
+    /// One member.
+    async fn member(&self, project_id: Id, user_id: Id) -> Result<Option<Member>>;
+    /// The members of a project, by username.
+    async fn list_members(&self, project_id: Id, page: PageRequest) -> Result<Paged<Member>>;
+    /// Removes a member, keeping at least one Owner.
+    async fn remove_member(&self, project_id: Id, user_id: Id) -> Result<MemberRemoved>;
+
+    /// Registers an agent. Conflict when the name is taken in the project.
+    async fn register_agent(
+        &self,
+        project_id: Id,
+        name: &str,
+        created_by: Id,
+        at: Timestamp,
+    ) -> Result<Agent>;
+    /// The agents of a project, by name.
+    async fn list_agents(&self, project_id: Id, page: PageRequest) -> Result<Paged<Agent>>;
+    /// One agent of a project.
+    async fn agent(&self, project_id: Id, agent_id: Id) -> Result<Option<Agent>>;
+    /// Deletes an agent and everything that belongs to it. NotFound when there is no such
+    /// agent; PreconditionFailed when it changed after `unmodified_since`.
+    async fn delete_agent(
+        &self,
+        project_id: Id,
+        agent_id: Id,
+        unmodified_since: Option<Timestamp>,
+    ) -> Result<()>;
+
+    /// Creates an agent token unless the agent already has `limit` active ones; the check
+    /// and the insert are one serialised transaction, so the limit holds under concurrency.
+    async fn create_agent_token(
+        &self,
+        agent_id: Id,
+        token: NewAgentToken,
+        limit: i64,
+    ) -> Result<TokenCreated>;
+    /// An agent's active tokens, most recently used first.
+    async fn list_agent_tokens(&self, agent_id: Id, page: PageRequest)
+    -> Result<Paged<AgentToken>>;
+    /// One active token of an agent.
+    async fn agent_token(&self, agent_id: Id, token_id: Id) -> Result<Option<AgentToken>>;
+    /// Revokes a token; false when the agent has no such token (active or revoked).
+    async fn revoke_agent_token(&self, agent_id: Id, token_id: Id) -> Result<bool>;
+}
+
+/// The handle the rest of the service holds.
+pub type SharedStore = Arc<dyn Store>;
+
+/// Opens the store named by `url` (`sqlite:` or `postgres:`/`postgresql:`).
+pub async fn connect(url: &str, max_connections: u32) -> anyhow::Result<SharedStore> {
+    if url.starts_with("sqlite:") {
+        Ok(Arc::new(SqliteStore::connect(url, max_connections).await?))
+    } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+        Ok(Arc::new(PgStore::connect(url, max_connections).await?))
+    } else {
+        anyhow::bail!("unsupported database URL scheme (expected sqlite: or postgres:)")
+    }
+}
+
+/// Maps a storage error to a domain error, at the store boundary.
+pub(crate) fn map_sqlx(error: sqlx::Error) -> crate::domain::Error {
+    use crate::domain::{Error, Missing};
+    match error {
+        sqlx::Error::RowNotFound => Error::NotFound(Missing::Record),
+        sqlx::Error::Database(db) if db.is_unique_violation() => Error::Conflict,
+        sqlx::Error::Database(db) if db.is_foreign_key_violation() => {
+            Error::NotFound(Missing::Record)
+        }
+        sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) => {
+            Error::Unavailable(error.to_string())
+        }
+        other => Error::Internal(other.to_string()),
+    }
+}

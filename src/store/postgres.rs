@@ -1,0 +1,53 @@
+//! PostgreSQL: for more than one machine; replicas share one database.
+
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{PgPool, Postgres, Transaction};
+
+use super::sql::*;
+use super::{
+    MemberRemoved, NewAgentToken, NewPersonalToken, NewProject, NewUser, ProjectTaken,
+    TokenCreated, map_sqlx,
+};
+use crate::crypto::TokenDigest;
+use crate::domain::{
+    AccessLevel, Agent, AgentToken, Error, Id, Member, Missing, PageRequest, Paged,
+    PersonalAccessToken, Project, Result, Timestamp, TokenStatus, User, format_date,
+};
+
+/// The PostgreSQL store.
+#[derive(Clone, Debug)]
+pub struct PgStore {
+    pool: PgPool,
+}
+
+impl PgStore {
+    const BACKEND: &'static str = "postgres";
+
+    /// Connects to the database named by `url`.
+    pub async fn connect(url: &str, max_connections: u32) -> anyhow::Result<Self> {
+        let options: PgConnectOptions = url.parse()?;
+        let pool = PgPoolOptions::new()
+            .max_connections(max_connections.max(1))
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_with(options.application_name("kas-gateway"))
+            .await?;
+        Ok(Self { pool })
+    }
+
+    /// Starts a transaction (READ COMMITTED); write paths lock the rows they depend on.
+    async fn begin_write(&self) -> Result<Transaction<'static, Postgres>> {
+        self.pool.begin().await.map_err(map_sqlx)
+    }
+
+    async fn run_migrations(&self) -> Result<()> {
+        // Takes an advisory lock, so replicas starting together migrate once.
+        sqlx::migrate!("./migrations/postgres")
+            .run(&self.pool)
+            .await
+            .map_err(|e| Error::Internal(format!("migration failed: {e}")))
+    }
+}
+
+sql_store!(PgStore);

@@ -1,0 +1,63 @@
+//! The embedded default: one SQLite file, WAL mode, foreign keys on.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{Sqlite, SqlitePool, Transaction};
+
+use super::sql::*;
+use super::{
+    MemberRemoved, NewAgentToken, NewPersonalToken, NewProject, NewUser, ProjectTaken,
+    TokenCreated, map_sqlx,
+};
+use crate::crypto::TokenDigest;
+use crate::domain::{
+    AccessLevel, Agent, AgentToken, Error, Id, Member, Missing, PageRequest, Paged,
+    PersonalAccessToken, Project, Result, Timestamp, TokenStatus, User, format_date,
+};
+
+/// The SQLite store.
+#[derive(Clone, Debug)]
+pub struct SqliteStore {
+    pool: SqlitePool,
+}
+
+impl SqliteStore {
+    const BACKEND: &'static str = "sqlite";
+
+    /// Opens (creating if missing) the database file named by `url`.
+    pub async fn connect(url: &str, max_connections: u32) -> anyhow::Result<Self> {
+        let options = SqliteConnectOptions::from_str(url)?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            // FULL: a commit is on disk before it is acknowledged.
+            .synchronous(SqliteSynchronous::Full)
+            .foreign_keys(true)
+            .busy_timeout(Duration::from_secs(10));
+        let pool = SqlitePoolOptions::new()
+            .max_connections(max_connections.max(1))
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_with(options)
+            .await?;
+        Ok(Self { pool })
+    }
+
+    /// Starts a transaction that holds the write lock from its first statement, so that
+    /// a read followed by a write never fails to upgrade.
+    async fn begin_write(&self) -> Result<Transaction<'static, Sqlite>> {
+        self.pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(map_sqlx)
+    }
+
+    async fn run_migrations(&self) -> Result<()> {
+        sqlx::migrate!("./migrations/sqlite")
+            .run(&self.pool)
+            .await
+            .map_err(|e| Error::Internal(format!("migration failed: {e}")))
+    }
+}
+
+sql_store!(SqliteStore);
