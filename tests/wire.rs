@@ -1,0 +1,208 @@
+//! What crosses the wire besides the happy path: bodies, encodings, limits, probes, OpenAPI.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use common::{Backend, ROOT_TOKEN};
+use rstest::rstest;
+use serde_json::json;
+
+#[rstest]
+#[tokio::test]
+async fn bodies_in_every_encoding(#[values(Backend::Sqlite)] backend: Backend) {
+    let gw = gateway!(backend);
+    let project = gw.project(ROOT_TOKEN, "test").await;
+    let url = format!("{}/api/v4/projects/{project}/cluster_agents", gw.base);
+    let post = || gw.client.post(&url).header("Private-Token", ROOT_TOKEN);
+
+    // Form-encoded, as curl -d sends it.
+    let form = post()
+        .header("Content-Type", "application/x-www-form-urlencoded")
+        .body("name=form-agent");
+    common::read(form.send().await.unwrap())
+        .await
+        .expect_status(201);
+    // Parameters in the query string of a POST.
+    let query = gw
+        .client
+        .post(format!("{url}?name=query-agent"))
+        .header("Private-Token", ROOT_TOKEN);
+    common::read(query.send().await.unwrap())
+        .await
+        .expect_status(201);
+    // JSON with a charset.
+    let json_charset = post()
+        .header("Content-Type", "application/json; charset=utf-8")
+        .body(r#"{"name":"json-agent"}"#);
+    common::read(json_charset.send().await.unwrap())
+        .await
+        .expect_status(201);
+
+    // Malformed JSON and a JSON body that is not an object: 400, nothing written.
+    for body in [r#"{"name":"#, "[1,2]", "\"x\"", "{\"name\":\"x\"} trailing"] {
+        let bad = post().header("Content-Type", "application/json").body(body);
+        common::read(bad.send().await.unwrap())
+            .await
+            .expect(400, json!({"error": "The request body is not valid JSON"}));
+    }
+    let other = post().header("Content-Type", "text/plain").body("name=x");
+    common::read(other.send().await.unwrap()).await.expect(
+        415,
+        json!({"error": "The provided content-type 'text/plain' is not supported."}),
+    );
+
+    // python-gitlab sends an empty body with a JSON content type on GET and DELETE.
+    let empty = gw
+        .client
+        .get(&url)
+        .header("Private-Token", ROOT_TOKEN)
+        .header("Content-Type", "application/json");
+    let listed = common::read(empty.send().await.unwrap()).await;
+    let names: Vec<_> = listed
+        .expect_status(200)
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["name"].clone())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            json!("form-agent"),
+            json!("json-agent"),
+            json!("query-agent")
+        ]
+    );
+}
+
+#[rstest]
+#[tokio::test]
+async fn oversized_bodies_get_413(#[values(Backend::Sqlite)] backend: Backend) {
+    let gw = gateway!(backend);
+    let project = gw.project(ROOT_TOKEN, "test").await;
+    let url = format!("{}/api/v4/projects/{project}/cluster_agents", gw.base);
+    let big = format!(r#"{{"name":"{}"}}"#, "a".repeat(1024 * 1024));
+    let request = gw
+        .client
+        .post(&url)
+        .header("Private-Token", ROOT_TOKEN)
+        .header("Content-Type", "application/json")
+        .body(big);
+    common::read(request.send().await.unwrap())
+        .await
+        .expect(413, json!({"message": "413 Request Entity Too Large"}));
+    // Just under the limit is an ordinary validation error, not a 413 nor a 500.
+    let under = format!(r#"{{"name":"{}"}}"#, "a".repeat(1000 * 1000));
+    let request = gw
+        .client
+        .post(&url)
+        .header("Private-Token", ROOT_TOKEN)
+        .header("Content-Type", "application/json")
+        .body(under);
+    let reply = common::read(request.send().await.unwrap()).await;
+    assert_eq!(
+        reply.status.as_u16(),
+        400,
+        "{}",
+        &reply.text[..100.min(reply.text.len())]
+    );
+}
+
+#[rstest]
+#[tokio::test]
+async fn unknown_routes_and_methods(#[values(Backend::Sqlite)] backend: Backend) {
+    let gw = gateway!(backend);
+    gw.get(ROOT_TOKEN, "/api/v4/nothing-here")
+        .await
+        .expect(404, json!({"error": "404 Not Found"}));
+    gw.get(ROOT_TOKEN, "/api/v4/projects/root/test/cluster_agents")
+        .await
+        .expect(404, json!({"error": "404 Not Found"}));
+    gw.call(
+        reqwest::Method::PUT,
+        Some(ROOT_TOKEN),
+        "/api/v4/projects/1/cluster_agents",
+        None,
+    )
+    .await
+    .expect(405, json!({"error": "405 Not Allowed"}));
+}
+
+#[rstest]
+#[tokio::test]
+async fn probes(#[values(Backend::Sqlite, Backend::Postgres)] backend: Backend) {
+    let gw = gateway!(backend);
+    let call = |path: &'static str| gw.call(reqwest::Method::GET, None, path, None);
+    call("/-/liveness")
+        .await
+        .expect(200, json!({"status": "ok"}));
+    call("/-/readiness")
+        .await
+        .expect(200, json!({"status": "ok", "db_check": [{"status": "ok"}]}));
+    let health = call("/-/health").await;
+    health.expect_status(200);
+    assert_eq!(health.text, "kas-gateway OK");
+}
+
+#[rstest]
+#[tokio::test]
+async fn readiness_fails_when_the_database_goes_away(
+    #[values(Backend::Postgres)] backend: Backend,
+) {
+    let mut gw = gateway!(backend);
+    let pg = gw.pg.take().unwrap();
+    drop(pg); // DROP DATABASE … WITH (FORCE): every connection is cut
+    let reply = gw
+        .call(reqwest::Method::GET, None, "/-/readiness", None)
+        .await;
+    reply.expect(
+        503,
+        json!({"status": "failed", "db_check": [{"status": "failed", "message": "database unreachable"}]}),
+    );
+    // A request that needs the database is a 5xx with GitLab's body, not a hang or a crash.
+    let reply = gw.get(ROOT_TOKEN, "/api/v4/user").await;
+    assert!(reply.status.is_server_error(), "{}", reply.text);
+    assert!(
+        reply.body["message"].as_str().unwrap().starts_with("50"),
+        "{}",
+        reply.text
+    );
+}
+
+#[rstest]
+#[tokio::test]
+async fn openapi_document_lists_every_endpoint(#[values(Backend::Sqlite)] backend: Backend) {
+    let gw = gateway!(backend);
+    let doc = gw
+        .call(reqwest::Method::GET, None, "/api/v4/openapi.json", None)
+        .await;
+    let doc = doc.expect_status(200);
+    let mut operations: Vec<String> = Vec::new();
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for method in item.as_object().unwrap().keys() {
+            operations.push(format!("{} {path}", method.to_uppercase()));
+        }
+    }
+    operations.sort();
+    insta::assert_debug_snapshot!(operations);
+    assert_eq!(
+        doc["components"]["securitySchemes"]["private_token"],
+        json!({"type": "apiKey", "in": "header", "name": "Private-Token"})
+    );
+}
+
+#[test]
+fn openapi_document_is_generated_from_the_code() {
+    let doc = serde_json::to_value(kas_gateway::rest::openapi()).unwrap();
+    let agent = &doc["components"]["schemas"]["AgentJson"]["properties"];
+    for field in [
+        "id",
+        "name",
+        "config_project",
+        "created_at",
+        "created_by_user_id",
+        "is_receptive",
+    ] {
+        assert!(agent.get(field).is_some(), "AgentJson documents {field}");
+    }
+}
