@@ -32,12 +32,21 @@ pub async fn open_store(config: &Config) -> anyhow::Result<SharedStore> {
 }
 
 fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
-    use std::os::unix::fs::DirBuilderExt;
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(dir)
-        .with_context(|| format!("creating the data directory {}", dir.display()))
+        .with_context(|| format!("creating the data directory {}", dir.display()))?;
+    let mode = std::fs::metadata(dir)?.permissions().mode();
+    if mode & 0o077 != 0 {
+        tracing::warn!(
+            dir = %dir.display(),
+            mode = format!("{:o}", mode & 0o777),
+            "the data directory is readable by other users; it holds the database and keys"
+        );
+    }
+    Ok(())
 }
 
 /// On an empty database, creates `root` with the configured token, or with a random one

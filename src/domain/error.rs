@@ -29,6 +29,8 @@ pub enum ParamProblem {
     Invalid(String),
     /// A parameter is outside its allowed values.
     NotAllowed(String),
+    /// A rule across parameters, worded whole (`name, path are missing, …`).
+    Rule(String),
 }
 
 impl ParamProblem {
@@ -37,6 +39,7 @@ impl ParamProblem {
             Self::Missing(name) => format!("{name} is missing"),
             Self::Invalid(name) => format!("{name} is invalid"),
             Self::NotAllowed(name) => format!("{name} does not have a valid value"),
+            Self::Rule(message) => message.clone(),
         }
     }
 }

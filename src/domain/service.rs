@@ -347,9 +347,9 @@ impl Service {
             }
             (None, Some(path)) => (path.clone(), path),
             (None, None) => {
-                return Err(Error::Params(vec![ParamProblem::Missing(
+                return Err(Error::param(ParamProblem::Rule(
                     "name, path are missing, at least one parameter must be provided".into(),
-                )]));
+                )));
             }
         };
         let mut fields = Vec::new();

@@ -1,0 +1,302 @@
+//! The `kas-gateway` binary as an operator runs it: first start, crash, signals, logs, CLI.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+const BIN: &str = env!("CARGO_BIN_EXE_kas-gateway");
+
+/// A running `kas-gateway serve` with its log collected.
+struct Gateway {
+    child: Child,
+    addr: String,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+fn command(data_dir: &Path) -> Command {
+    let mut command = Command::new(BIN);
+    command
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("KAS_GATEWAY_DATA_DIR", data_dir)
+        .env("KAS_GATEWAY_LISTEN", "127.0.0.1:0")
+        .env("KAS_GATEWAY_LOG_FORMAT", "json")
+        .env("KAS_GATEWAY_LOG_LEVEL", "debug");
+    command
+}
+
+impl Gateway {
+    fn start(mut command: Command) -> Self {
+        let mut child = command
+            .arg("serve")
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+        let sink = Arc::clone(&log);
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if let Ok(event) = serde_json::from_str::<Value>(&line)
+                    && event["message"] == "listening"
+                {
+                    let _ = addr_tx.send(event["addr"].as_str().unwrap_or_default().to_owned());
+                }
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let addr = addr_rx
+            .recv_timeout(Duration::from_secs(30))
+            .unwrap_or_else(|_| panic!("the gateway did not start: {:?}", log.lock().unwrap()));
+        Self { child, addr, log }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([format!("-{signal}"), self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// Waits for the process to exit; returns its exit code.
+    fn wait(&mut self) -> Option<i32> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code();
+            }
+            assert!(Instant::now() < deadline, "the gateway did not exit");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn log_text(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn send(method: reqwest::Method, url: &str, token: &str, body: Option<Value>) -> (u16, Value) {
+    let client = reqwest::Client::new();
+    let mut request = client.request(method, url).header("Private-Token", token);
+    if let Some(body) = body {
+        request = request.json(&body);
+    }
+    let response = request.send().await.unwrap();
+    let status = response.status().as_u16();
+    let text = response.text().await.unwrap();
+    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+}
+
+#[tokio::test]
+async fn first_start_writes_the_root_token_to_a_private_file() {
+    let parent = tempfile::tempdir().unwrap();
+    let dir = parent.path().join("data");
+    let gateway = Gateway::start(command(&dir));
+    let file = dir.join("root-token");
+    let mode = std::fs::metadata(&file).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let token = std::fs::read_to_string(&file).unwrap().trim().to_owned();
+    assert!(token.starts_with("glpat-"));
+    let (status, user) = send(reqwest::Method::GET, &gateway.url("/api/v4/user"), &token, None).await;
+    assert_eq!((status, &user["username"]), (200, &json!("root")));
+    assert_eq!(user["name"], "Administrator");
+    let log = gateway.log_text();
+    assert!(log.contains(&file.display().to_string()), "the log names the file");
+    assert!(!log.contains(&token), "the log never holds the token");
+    let db_mode = std::fs::metadata(&dir).unwrap().permissions().mode();
+    assert_eq!(db_mode & 0o777, 0o700, "the data directory is private");
+}
+
+#[tokio::test]
+async fn acknowledged_writes_survive_a_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = "glpat-crash-test-token-000000000";
+    let mut first = Gateway::start({
+        let mut c = command(dir.path());
+        c.env("KAS_GATEWAY_BOOTSTRAP_TOKEN", token);
+        c
+    });
+    let (status, project) =
+        send(reqwest::Method::POST, &first.url("/api/v4/projects"), token, Some(json!({"name": "p"}))).await;
+    assert_eq!(status, 201);
+    let agents = format!("/api/v4/projects/{}/cluster_agents", project["id"]);
+    for i in 0..20 {
+        let (status, _) = send(
+            reqwest::Method::POST,
+            &first.url(&agents),
+            token,
+            Some(json!({"name": format!("agent-{i}")})),
+        )
+        .await;
+        assert_eq!(status, 201);
+    }
+    first.signal("KILL");
+    first.wait();
+
+    let second = Gateway::start(command(dir.path()));
+    let (status, listed) = send(reqwest::Method::GET, &second.url(&format!("{agents}?per_page=100")), token, None).await;
+    assert_eq!(status, 200);
+    assert_eq!(listed.as_array().unwrap().len(), 20, "every acknowledged agent is there");
+}
+
+#[tokio::test]
+async fn sigterm_lets_in_flight_requests_finish() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = "glpat-sigterm-test-token-0000000";
+    let mut gateway = Gateway::start({
+        let mut c = command(dir.path());
+        c.env("KAS_GATEWAY_BOOTSTRAP_TOKEN", token);
+        c
+    });
+    // Start a request and send only half of its body.
+    let body = br#"{"name":"in-flight"}"#;
+    let mut stream = TcpStream::connect(&gateway.addr).unwrap();
+    write!(
+        stream,
+        "POST /api/v4/projects HTTP/1.1\r\nHost: x\r\nPrivate-Token: {token}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .unwrap();
+    stream.write_all(&body[..5]).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    gateway.signal("TERM");
+    std::thread::sleep(Duration::from_millis(200));
+    stream.write_all(&body[5..]).unwrap();
+    let mut response = String::new();
+    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let _ = stream.read_to_string(&mut response);
+    assert!(response.starts_with("HTTP/1.1 201"), "{response}");
+    assert_eq!(gateway.wait(), Some(0));
+    let log = gateway.log_text();
+    assert!(log.contains("shutting down"));
+    assert!(log.contains("\"message\":\"stopped\""));
+    // New connections are refused once it is gone.
+    assert!(TcpStream::connect(&gateway.addr).is_err());
+}
+
+#[tokio::test]
+async fn secrets_never_reach_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = "glpat-log-test-root-token-000000";
+    let mut gateway = Gateway::start({
+        let mut c = command(dir.path());
+        c.env("KAS_GATEWAY_BOOTSTRAP_TOKEN", root);
+        c
+    });
+    let (_, project) = send(reqwest::Method::POST, &gateway.url("/api/v4/projects"), root, Some(json!({"name": "p"}))).await;
+    let agents = format!("/api/v4/projects/{}/cluster_agents", project["id"]);
+    let (_, agent) = send(reqwest::Method::POST, &gateway.url(&agents), root, Some(json!({"name": "a"}))).await;
+    let (_, token) = send(
+        reqwest::Method::POST,
+        &gateway.url(&format!("{agents}/{}/tokens", agent["id"])),
+        root,
+        Some(json!({"name": "t"})),
+    )
+    .await;
+    let agent_secret = token["token"].as_str().unwrap().to_owned();
+    // A token in the query string, and a wrong one.
+    let client = reqwest::Client::new();
+    let url = gateway.url(&format!("{agents}?private_token={root}"));
+    assert_eq!(client.get(url).send().await.unwrap().status(), 200);
+    let (status, _) = send(reqwest::Method::GET, &gateway.url(&agents), "glpat-wrong-secret-value", None).await;
+    assert_eq!(status, 401);
+    gateway.signal("TERM");
+    gateway.wait();
+    let log = gateway.log_text();
+    assert!(log.contains("/api/v4/projects/{id}/cluster_agents"), "requests are logged by route");
+    for secret in [root, agent_secret.as_str(), "glpat-wrong-secret-value"] {
+        assert!(!log.contains(secret), "a secret reached the log");
+    }
+    let line = gateway
+        .log
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|l| l.contains("\"status\":401"))
+        .cloned()
+        .unwrap();
+    let event: Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(event["method"], "GET");
+    assert_eq!(event["route"], "/api/v4/projects/{id}/cluster_agents");
+    assert!(event["duration_us"].is_u64());
+}
+
+#[test]
+fn configuration_mistakes_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = command(dir.path()).env("KAS_GATEWAY_LISTN", "x").arg("migrate").output().unwrap();
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("KAS_GATEWAY_LISTN"));
+
+    let file = dir.path().join("config.toml");
+    std::fs::write(&file, "listen = \"127.0.0.1:0\"\nbogus = 1\n").unwrap();
+    let output = command(dir.path()).env("KAS_GATEWAY_CONFIG", &file).arg("migrate").output().unwrap();
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("bogus"));
+
+    let secret_file = dir.path().join("token");
+    std::fs::write(&secret_file, "glpat-from-a-file-0000000000000\n").unwrap();
+    std::fs::write(&file, format!("bootstrap_token_file = {:?}\n", secret_file.display().to_string())).unwrap();
+    let output = command(dir.path()).env("KAS_GATEWAY_CONFIG", &file).arg("migrate").output().unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+}
+
+#[tokio::test]
+async fn the_admin_cli_sets_a_gateway_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| {
+        let output = command(dir.path()).arg("admin").args(args).output().unwrap();
+        assert!(output.status.success(), "{args:?}: {}", String::from_utf8_lossy(&output.stderr));
+        String::from_utf8(output.stdout).unwrap()
+    };
+    run(&["create-user", "--username", "alice", "--name", "Alice", "--email", "alice@example.com"]);
+    run(&["create-user", "--username", "bob", "--name", "Bob", "--email", "bob@example.com"]);
+    let alice = run(&["create-token", "--user", "alice", "--name", "cli", "--scopes", "api"]).trim().to_owned();
+    let bob = run(&["create-token", "--user", "bob", "--name", "cli", "--scopes", "read_api"]).trim().to_owned();
+    run(&["create-project", "--owner", "alice", "--name", "Infra"]);
+    run(&["add-member", "--project", "alice/infra", "--user", "bob", "--access-level", "developer"]);
+    let refused = command(dir.path())
+        .args(["admin", "add-member", "--project", "alice/infra", "--user", "bob", "--access-level", "developer"])
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("Member already exists"));
+
+    let gateway = Gateway::start(command(dir.path()));
+    let (status, _) = send(
+        reqwest::Method::POST,
+        &gateway.url("/api/v4/projects/alice%2Finfra/cluster_agents"),
+        &alice,
+        Some(json!({"name": "prod"})),
+    )
+    .await;
+    assert_eq!(status, 201);
+    let (status, agents) =
+        send(reqwest::Method::GET, &gateway.url("/api/v4/projects/alice%2Finfra/cluster_agents"), &bob, None).await;
+    assert_eq!(status, 200);
+    assert_eq!(agents[0]["name"], "prod");
+    assert_eq!(agents[0]["config_project"]["name_with_namespace"], "Alice / Infra");
+}
