@@ -97,7 +97,12 @@ impl Drop for Gateway {
     }
 }
 
-async fn send(method: reqwest::Method, url: &str, token: &str, body: Option<Value>) -> (u16, Value) {
+async fn send(
+    method: reqwest::Method,
+    url: &str,
+    token: &str,
+    body: Option<Value>,
+) -> (u16, Value) {
     let client = reqwest::Client::new();
     let mut request = client.request(method, url).header("Private-Token", token);
     if let Some(body) = body {
@@ -119,11 +124,20 @@ async fn first_start_writes_the_root_token_to_a_private_file() {
     assert_eq!(mode & 0o777, 0o600);
     let token = std::fs::read_to_string(&file).unwrap().trim().to_owned();
     assert!(token.starts_with("glpat-"));
-    let (status, user) = send(reqwest::Method::GET, &gateway.url("/api/v4/user"), &token, None).await;
+    let (status, user) = send(
+        reqwest::Method::GET,
+        &gateway.url("/api/v4/user"),
+        &token,
+        None,
+    )
+    .await;
     assert_eq!((status, &user["username"]), (200, &json!("root")));
     assert_eq!(user["name"], "Administrator");
     let log = gateway.log_text();
-    assert!(log.contains(&file.display().to_string()), "the log names the file");
+    assert!(
+        log.contains(&file.display().to_string()),
+        "the log names the file"
+    );
     assert!(!log.contains(&token), "the log never holds the token");
     let db_mode = std::fs::metadata(&dir).unwrap().permissions().mode();
     assert_eq!(db_mode & 0o777, 0o700, "the data directory is private");
@@ -138,8 +152,13 @@ async fn acknowledged_writes_survive_a_crash() {
         c.env("KAS_GATEWAY_BOOTSTRAP_TOKEN", token);
         c
     });
-    let (status, project) =
-        send(reqwest::Method::POST, &first.url("/api/v4/projects"), token, Some(json!({"name": "p"}))).await;
+    let (status, project) = send(
+        reqwest::Method::POST,
+        &first.url("/api/v4/projects"),
+        token,
+        Some(json!({"name": "p"})),
+    )
+    .await;
     assert_eq!(status, 201);
     let agents = format!("/api/v4/projects/{}/cluster_agents", project["id"]);
     for i in 0..20 {
@@ -156,9 +175,19 @@ async fn acknowledged_writes_survive_a_crash() {
     first.wait();
 
     let second = Gateway::start(command(dir.path()));
-    let (status, listed) = send(reqwest::Method::GET, &second.url(&format!("{agents}?per_page=100")), token, None).await;
+    let (status, listed) = send(
+        reqwest::Method::GET,
+        &second.url(&format!("{agents}?per_page=100")),
+        token,
+        None,
+    )
+    .await;
     assert_eq!(status, 200);
-    assert_eq!(listed.as_array().unwrap().len(), 20, "every acknowledged agent is there");
+    assert_eq!(
+        listed.as_array().unwrap().len(),
+        20,
+        "every acknowledged agent is there"
+    );
 }
 
 #[tokio::test]
@@ -186,7 +215,9 @@ async fn sigterm_lets_in_flight_requests_finish() {
     std::thread::sleep(Duration::from_millis(200));
     stream.write_all(&body[5..]).unwrap();
     let mut response = String::new();
-    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
     let _ = stream.read_to_string(&mut response);
     assert!(response.starts_with("HTTP/1.1 201"), "{response}");
     assert_eq!(gateway.wait(), Some(0));
@@ -206,9 +237,21 @@ async fn secrets_never_reach_the_log() {
         c.env("KAS_GATEWAY_BOOTSTRAP_TOKEN", root);
         c
     });
-    let (_, project) = send(reqwest::Method::POST, &gateway.url("/api/v4/projects"), root, Some(json!({"name": "p"}))).await;
+    let (_, project) = send(
+        reqwest::Method::POST,
+        &gateway.url("/api/v4/projects"),
+        root,
+        Some(json!({"name": "p"})),
+    )
+    .await;
     let agents = format!("/api/v4/projects/{}/cluster_agents", project["id"]);
-    let (_, agent) = send(reqwest::Method::POST, &gateway.url(&agents), root, Some(json!({"name": "a"}))).await;
+    let (_, agent) = send(
+        reqwest::Method::POST,
+        &gateway.url(&agents),
+        root,
+        Some(json!({"name": "a"})),
+    )
+    .await;
     let (_, token) = send(
         reqwest::Method::POST,
         &gateway.url(&format!("{agents}/{}/tokens", agent["id"])),
@@ -221,12 +264,21 @@ async fn secrets_never_reach_the_log() {
     let client = reqwest::Client::new();
     let url = gateway.url(&format!("{agents}?private_token={root}"));
     assert_eq!(client.get(url).send().await.unwrap().status(), 200);
-    let (status, _) = send(reqwest::Method::GET, &gateway.url(&agents), "glpat-wrong-secret-value", None).await;
+    let (status, _) = send(
+        reqwest::Method::GET,
+        &gateway.url(&agents),
+        "glpat-wrong-secret-value",
+        None,
+    )
+    .await;
     assert_eq!(status, 401);
     gateway.signal("TERM");
     gateway.wait();
     let log = gateway.log_text();
-    assert!(log.contains("/api/v4/projects/{id}/cluster_agents"), "requests are logged by route");
+    assert!(
+        log.contains("/api/v4/projects/{id}/cluster_agents"),
+        "requests are logged by route"
+    );
     for secret in [root, agent_secret.as_str(), "glpat-wrong-secret-value"] {
         assert!(!log.contains(secret), "a secret reached the log");
     }
@@ -247,39 +299,123 @@ async fn secrets_never_reach_the_log() {
 #[test]
 fn configuration_mistakes_are_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let output = command(dir.path()).env("KAS_GATEWAY_LISTN", "x").arg("migrate").output().unwrap();
+    let output = command(dir.path())
+        .env("KAS_GATEWAY_LISTN", "x")
+        .arg("migrate")
+        .output()
+        .unwrap();
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("KAS_GATEWAY_LISTN"));
 
     let file = dir.path().join("config.toml");
     std::fs::write(&file, "listen = \"127.0.0.1:0\"\nbogus = 1\n").unwrap();
-    let output = command(dir.path()).env("KAS_GATEWAY_CONFIG", &file).arg("migrate").output().unwrap();
+    let output = command(dir.path())
+        .env("KAS_GATEWAY_CONFIG", &file)
+        .arg("migrate")
+        .output()
+        .unwrap();
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("bogus"));
 
     let secret_file = dir.path().join("token");
     std::fs::write(&secret_file, "glpat-from-a-file-0000000000000\n").unwrap();
-    std::fs::write(&file, format!("bootstrap_token_file = {:?}\n", secret_file.display().to_string())).unwrap();
-    let output = command(dir.path()).env("KAS_GATEWAY_CONFIG", &file).arg("migrate").output().unwrap();
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    std::fs::write(
+        &file,
+        format!(
+            "bootstrap_token_file = {:?}\n",
+            secret_file.display().to_string()
+        ),
+    )
+    .unwrap();
+    let output = command(dir.path())
+        .env("KAS_GATEWAY_CONFIG", &file)
+        .arg("migrate")
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
 }
 
 #[tokio::test]
 async fn the_admin_cli_sets_a_gateway_up() {
     let dir = tempfile::tempdir().unwrap();
     let run = |args: &[&str]| {
-        let output = command(dir.path()).arg("admin").args(args).output().unwrap();
-        assert!(output.status.success(), "{args:?}: {}", String::from_utf8_lossy(&output.stderr));
+        let output = command(dir.path())
+            .arg("admin")
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
         String::from_utf8(output.stdout).unwrap()
     };
-    run(&["create-user", "--username", "alice", "--name", "Alice", "--email", "alice@example.com"]);
-    run(&["create-user", "--username", "bob", "--name", "Bob", "--email", "bob@example.com"]);
-    let alice = run(&["create-token", "--user", "alice", "--name", "cli", "--scopes", "api"]).trim().to_owned();
-    let bob = run(&["create-token", "--user", "bob", "--name", "cli", "--scopes", "read_api"]).trim().to_owned();
+    run(&[
+        "create-user",
+        "--username",
+        "alice",
+        "--name",
+        "Alice",
+        "--email",
+        "alice@example.com",
+    ]);
+    run(&[
+        "create-user",
+        "--username",
+        "bob",
+        "--name",
+        "Bob",
+        "--email",
+        "bob@example.com",
+    ]);
+    let alice = run(&[
+        "create-token",
+        "--user",
+        "alice",
+        "--name",
+        "cli",
+        "--scopes",
+        "api",
+    ])
+    .trim()
+    .to_owned();
+    let bob = run(&[
+        "create-token",
+        "--user",
+        "bob",
+        "--name",
+        "cli",
+        "--scopes",
+        "read_api",
+    ])
+    .trim()
+    .to_owned();
     run(&["create-project", "--owner", "alice", "--name", "Infra"]);
-    run(&["add-member", "--project", "alice/infra", "--user", "bob", "--access-level", "developer"]);
+    run(&[
+        "add-member",
+        "--project",
+        "alice/infra",
+        "--user",
+        "bob",
+        "--access-level",
+        "developer",
+    ]);
     let refused = command(dir.path())
-        .args(["admin", "add-member", "--project", "alice/infra", "--user", "bob", "--access-level", "developer"])
+        .args([
+            "admin",
+            "add-member",
+            "--project",
+            "alice/infra",
+            "--user",
+            "bob",
+            "--access-level",
+            "developer",
+        ])
         .output()
         .unwrap();
     assert!(!refused.status.success());
@@ -294,9 +430,17 @@ async fn the_admin_cli_sets_a_gateway_up() {
     )
     .await;
     assert_eq!(status, 201);
-    let (status, agents) =
-        send(reqwest::Method::GET, &gateway.url("/api/v4/projects/alice%2Finfra/cluster_agents"), &bob, None).await;
+    let (status, agents) = send(
+        reqwest::Method::GET,
+        &gateway.url("/api/v4/projects/alice%2Finfra/cluster_agents"),
+        &bob,
+        None,
+    )
+    .await;
     assert_eq!(status, 200);
     assert_eq!(agents[0]["name"], "prod");
-    assert_eq!(agents[0]["config_project"]["name_with_namespace"], "Alice / Infra");
+    assert_eq!(
+        agents[0]["config_project"]["name_with_namespace"],
+        "Alice / Infra"
+    );
 }

@@ -6,7 +6,7 @@ Environment:
   KAS_GATEWAY_TOKEN  personal access token (scope api) of the administrator `root`
 
 Each step prints one line (PASS or FAIL with the reason); the last line is
-"python-gitlab check: N passed, M failed". Exit status 0 only if every step passed.
+"python-gitlab: N passed, M failed". Exit status 0 only if every step passed.
 
 Run it with tests/clients/run-python-gitlab-check.sh, which starts a gateway for it.
 """
@@ -318,7 +318,7 @@ def main():
             passed += 1
         else:
             failed += 1
-    print(f"python-gitlab check: {passed} passed, {failed} failed", flush=True)
+    print(f"python-gitlab: {passed} passed, {failed} failed", flush=True)
     return 0 if failed == 0 else 1
 
 

@@ -1,0 +1,410 @@
+//! The store contract: the same cases against SQLite and PostgreSQL, through the trait.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::sync::Arc;
+
+use common::{Backend, PgDatabase, START};
+use kas_gateway::crypto::TokenDigest;
+use kas_gateway::domain::{AccessLevel, Error, PageRequest, Scope, Timestamp};
+use kas_gateway::store::{
+    self, MemberRemoved, NewAgentToken, NewPersonalToken, NewProject, NewUser, SharedStore,
+    TokenCreated,
+};
+use rstest::rstest;
+
+struct Subject {
+    store: SharedStore,
+    _dir: tempfile::TempDir,
+    pg: Option<PgDatabase>,
+}
+
+async fn subject(backend: Backend) -> Option<Subject> {
+    let dir = tempfile::tempdir().unwrap();
+    let (url, pg) = match backend {
+        Backend::Sqlite => (
+            format!("sqlite://{}", dir.path().join("t.db").display()),
+            None,
+        ),
+        Backend::Postgres if common::postgres_skipped() => return None,
+        Backend::Postgres => {
+            let pg = PgDatabase::create().await;
+            (pg.url.clone(), Some(pg))
+        }
+    };
+    let store = store::connect(&url, 8).await.unwrap();
+    store.migrate().await.unwrap();
+    // Migrations run twice are a no-op.
+    store.migrate().await.unwrap();
+    Some(Subject {
+        store,
+        _dir: dir,
+        pg,
+    })
+}
+
+macro_rules! subject {
+    ($backend:expr) => {
+        match subject($backend).await {
+            Some(subject) => subject,
+            None => return,
+        }
+    };
+}
+
+fn user(name: &str) -> NewUser {
+    NewUser {
+        username: name.into(),
+        name: name.into(),
+        email: format!("{name}@example.com"),
+        is_admin: false,
+        created_at: START,
+    }
+}
+
+fn pat(secret: &str) -> NewPersonalToken {
+    NewPersonalToken {
+        name: "t".into(),
+        digest: TokenDigest::of(secret),
+        scopes: vec![Scope::Api, Scope::ReadApi],
+        expires_at: None,
+        created_at: START,
+    }
+}
+
+fn agent_token(secret: &str) -> NewAgentToken {
+    NewAgentToken {
+        name: "t".into(),
+        description: None,
+        digest: TokenDigest::of(secret),
+        created_by_user_id: 1,
+        created_at: START,
+    }
+}
+
+async fn project_with_agent(store: &SharedStore) -> (i64, i64) {
+    let owner = store.create_user(user("owner")).await.unwrap();
+    let project = store
+        .create_project(NewProject {
+            creator_id: owner.id,
+            name: "P".into(),
+            path: "p".into(),
+            description: String::new(),
+            created_at: START,
+        })
+        .await
+        .unwrap()
+        .unwrap();
+    let agent = store
+        .register_agent(project.id, "a", owner.id, START)
+        .await
+        .unwrap();
+    (project.id, agent.id)
+}
+
+#[rstest]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bootstrap_happens_once(#[values(Backend::Sqlite, Backend::Postgres)] backend: Backend) {
+    let s = subject!(backend);
+    let attempts = (0..8).map(|i| {
+        let store = Arc::clone(&s.store);
+        tokio::spawn(async move {
+            let mut admin = user("root");
+            admin.is_admin = true;
+            store
+                .bootstrap_admin(admin, pat(&format!("secret-{i}")))
+                .await
+                .unwrap()
+        })
+    });
+    let created: Vec<bool> = futures::future::join_all(attempts)
+        .await
+        .into_iter()
+        .map(|r| r.unwrap())
+        .collect();
+    assert_eq!(created.iter().filter(|c| **c).count(), 1, "{created:?}");
+    let root = s.store.user_by_username("ROOT").await.unwrap().unwrap();
+    assert!(root.is_admin);
+}
+
+#[rstest]
+#[tokio::test]
+async fn users_and_personal_tokens(#[values(Backend::Sqlite, Backend::Postgres)] backend: Backend) {
+    let s = subject!(backend);
+    let alice = s.store.create_user(user("alice")).await.unwrap();
+    assert_eq!(
+        s.store.create_user(user("Alice")).await.err(),
+        Some(Error::Conflict)
+    );
+    assert_eq!(
+        s.store.user_taken("ALICE", "x@y").await.unwrap(),
+        (true, false)
+    );
+    assert_eq!(
+        s.store.user_taken("x", "ALICE@example.com").await.unwrap(),
+        (false, true)
+    );
+    let token = s
+        .store
+        .create_personal_token(alice.id, pat("secret"))
+        .await
+        .unwrap();
+    let (found, owner) = s
+        .store
+        .personal_token(&TokenDigest::of("secret"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(found, token);
+    assert_eq!(owner, alice);
+    assert!(
+        s.store
+            .personal_token(&TokenDigest::of("other"))
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert_eq!(
+        s.store
+            .create_personal_token(alice.id, pat("secret"))
+            .await
+            .err(),
+        Some(Error::Conflict)
+    );
+}
+
+#[rstest]
+#[tokio::test]
+async fn projects_and_members(#[values(Backend::Sqlite, Backend::Postgres)] backend: Backend) {
+    let s = subject!(backend);
+    let alice = s.store.create_user(user("alice")).await.unwrap();
+    let bob = s.store.create_user(user("bob")).await.unwrap();
+    let new = |name: &str, path: &str| NewProject {
+        creator_id: alice.id,
+        name: name.into(),
+        path: path.into(),
+        description: String::new(),
+        created_at: START,
+    };
+    let project = s
+        .store
+        .create_project(new("App", "app"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(project.path_with_namespace(), "alice/app");
+    let taken = s
+        .store
+        .create_project(new("App", "APP"))
+        .await
+        .unwrap()
+        .err()
+        .unwrap();
+    assert!(taken.name && taken.path);
+    let taken = s
+        .store
+        .create_project(new("Other", "App"))
+        .await
+        .unwrap()
+        .err()
+        .unwrap();
+    assert!(!taken.name && taken.path);
+    assert_eq!(
+        s.store.project_by_path("ALICE", "App").await.unwrap(),
+        Some(project.clone())
+    );
+    assert_eq!(
+        s.store.access_level(project.id, alice.id).await.unwrap(),
+        Some(AccessLevel::Owner)
+    );
+
+    s.store
+        .add_member(project.id, bob.id, AccessLevel::Owner, START)
+        .await
+        .unwrap();
+    assert_eq!(
+        s.store
+            .add_member(project.id, bob.id, AccessLevel::Guest, START)
+            .await
+            .err(),
+        Some(Error::Conflict)
+    );
+    let page = s
+        .store
+        .list_members(
+            project.id,
+            PageRequest {
+                page: 1,
+                per_page: 1,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!((page.total, page.items.len()), (2, 1));
+    assert_eq!(
+        s.store
+            .list_projects(Some(bob.id), PageRequest::default())
+            .await
+            .unwrap()
+            .total,
+        1
+    );
+    assert_eq!(
+        s.store.remove_member(project.id, bob.id).await.unwrap(),
+        MemberRemoved::Removed
+    );
+    assert_eq!(
+        s.store.remove_member(project.id, bob.id).await.unwrap(),
+        MemberRemoved::NotMember
+    );
+    assert_eq!(
+        s.store.remove_member(project.id, alice.id).await.unwrap(),
+        MemberRemoved::LastOwner
+    );
+}
+
+#[rstest]
+#[tokio::test]
+async fn agents(#[values(Backend::Sqlite, Backend::Postgres)] backend: Backend) {
+    let s = subject!(backend);
+    let (project, agent) = project_with_agent(&s.store).await;
+    assert_eq!(
+        s.store.register_agent(project, "a", 1, START).await.err(),
+        Some(Error::Conflict)
+    );
+    let fetched = s.store.agent(project, agent).await.unwrap().unwrap();
+    assert_eq!((fetched.name.as_str(), fetched.is_receptive), ("a", false));
+    assert!(s.store.agent(project + 1, agent).await.unwrap().is_none());
+    // Unmodified since a second before its creation: refused; since its creation: deleted.
+    let earlier = Timestamp::from_millis(START.as_millis() - 1000);
+    assert_eq!(
+        s.store
+            .delete_agent(project, agent, Some(earlier))
+            .await
+            .err(),
+        Some(Error::PreconditionFailed)
+    );
+    s.store
+        .delete_agent(project, agent, Some(START))
+        .await
+        .unwrap();
+    assert!(matches!(
+        s.store.delete_agent(project, agent, None).await,
+        Err(Error::NotFound(_))
+    ));
+}
+
+#[rstest]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_limit_under_concurrency(
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+) {
+    let s = subject!(backend);
+    let (_, agent) = project_with_agent(&s.store).await;
+    let creates = (0..30).map(|i| {
+        let store = Arc::clone(&s.store);
+        tokio::spawn(async move {
+            store
+                .create_agent_token(agent, agent_token(&format!("s{i}")), 2)
+                .await
+        })
+    });
+    let outcomes: Vec<_> = futures::future::join_all(creates)
+        .await
+        .into_iter()
+        .map(|r| r.unwrap().unwrap())
+        .collect();
+    let created = outcomes
+        .iter()
+        .filter(|o| matches!(o, TokenCreated::Created(_)))
+        .count();
+    assert_eq!(created, 2);
+    assert_eq!(
+        s.store
+            .list_agent_tokens(agent, PageRequest::default())
+            .await
+            .unwrap()
+            .total,
+        2
+    );
+    assert!(matches!(
+        s.store
+            .create_agent_token(agent + 100, agent_token("x"), 2)
+            .await,
+        Err(Error::NotFound(_))
+    ));
+}
+
+#[rstest]
+#[tokio::test]
+async fn tokens_order_and_revocation(
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+) {
+    let s = subject!(backend);
+    let (_, agent) = project_with_agent(&s.store).await;
+    let mut ids = Vec::new();
+    for i in 0..4 {
+        match s
+            .store
+            .create_agent_token(agent, agent_token(&format!("s{i}")), 10)
+            .await
+            .unwrap()
+        {
+            TokenCreated::Created(token) => ids.push(token.id),
+            TokenCreated::LimitReached => panic!("limit"),
+        }
+    }
+    // last_used_at: ids[1] most recent, ids[3] older, the others never used.
+    let used = [(ids[1], 2_000), (ids[3], 1_000)];
+    for (id, at) in used {
+        let sql = "UPDATE cluster_agent_tokens SET last_used_at = $1 WHERE id = $2";
+        match &s.pg {
+            Some(pg) => {
+                let pool = sqlx::PgPool::connect(&pg.url).await.unwrap();
+                sqlx::query(sql)
+                    .bind(at)
+                    .bind(id)
+                    .execute(&pool)
+                    .await
+                    .unwrap();
+            }
+            None => {
+                let url = format!("sqlite://{}", s._dir.path().join("t.db").display());
+                let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
+                sqlx::query(sql)
+                    .bind(at)
+                    .bind(id)
+                    .execute(&pool)
+                    .await
+                    .unwrap();
+            }
+        }
+    }
+    let listed: Vec<i64> = s
+        .store
+        .list_agent_tokens(agent, PageRequest::default())
+        .await
+        .unwrap()
+        .items
+        .iter()
+        .map(|t| t.id)
+        .collect();
+    assert_eq!(listed, [ids[1], ids[3], ids[0], ids[2]]);
+
+    assert!(s.store.revoke_agent_token(agent, ids[1]).await.unwrap());
+    assert!(
+        s.store.revoke_agent_token(agent, ids[1]).await.unwrap(),
+        "revoking twice"
+    );
+    assert!(!s.store.revoke_agent_token(agent, 9999).await.unwrap());
+    assert!(s.store.agent_token(agent, ids[1]).await.unwrap().is_none());
+    assert_eq!(
+        s.store
+            .list_agent_tokens(agent, PageRequest::default())
+            .await
+            .unwrap()
+            .total,
+        3
+    );
+}
