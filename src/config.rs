@@ -89,6 +89,8 @@ impl Config {
 }
 
 const DEFAULT_MAX_CONNECTIONS: u32 = 10;
+/// A configured root token must be at least this long: it is stored as a fast digest.
+const MIN_BOOTSTRAP_TOKEN_LEN: usize = 20;
 const DEFAULT_DATA_DIR: &str = "./data";
 
 fn default_listen() -> SocketAddr {
@@ -210,6 +212,11 @@ impl ConfigArgs {
             file.bootstrap_token,
             file.bootstrap_token_file,
         )?;
+        if let Some(token) = &bootstrap_token
+            && token.expose().len() < MIN_BOOTSTRAP_TOKEN_LEN
+        {
+            bail!("the bootstrap token must be at least {MIN_BOOTSTRAP_TOKEN_LEN} characters long");
+        }
         let external_url = self.external_url.or(file.external_url);
         if let Some(url) = &external_url
             && !(url.starts_with("http://") || url.starts_with("https://"))

@@ -43,9 +43,9 @@ impl fmt::Debug for Secret {
 
 /// The SHA-256 digest of a token: the only form in which tokens are stored.
 ///
-/// Tokens carry 300 random bits, so an unsalted fast hash is enough: nobody can
-/// brute-force the preimage, and an index on the digest finds a token without a
-/// timing-sensitive comparison of secrets.
+/// Tokens carry 120 (personal) or 300 (agent) random bits, so an unsalted fast hash is
+/// enough: nobody can brute-force the preimage, and an index on the digest finds a token
+/// without a timing-sensitive comparison of secrets.
 #[derive(Clone, PartialEq, Eq, Hash)]
 pub struct TokenDigest(Vec<u8>);
 
