@@ -40,6 +40,10 @@ pub struct Config {
     pub log_level: String,
     /// Log line format.
     pub log_format: LogFormat,
+    /// `id=base64key` entries, the first active; `None`: a key file in the data directory.
+    pub encryption_keys: Option<Secret>,
+    /// Receptive agents (URL configurations) on or off.
+    pub receptive_agents: bool,
 }
 
 impl std::fmt::Debug for Config {
@@ -56,6 +60,11 @@ impl std::fmt::Debug for Config {
             )
             .field("log_level", &self.log_level)
             .field("log_format", &self.log_format)
+            .field(
+                "encryption_keys",
+                &self.encryption_keys.as_ref().map(|_| "[REDACTED]"),
+            )
+            .field("receptive_agents", &self.receptive_agents)
             .finish()
     }
 }
@@ -84,6 +93,8 @@ impl Config {
             bootstrap_token: None,
             log_level: "info".into(),
             log_format: LogFormat::Text,
+            encryption_keys: None,
+            receptive_agents: true,
         }
     }
 }
@@ -114,6 +125,9 @@ const KNOWN_ENV: &[&str] = &[
     "KAS_GATEWAY_BOOTSTRAP_TOKEN_FILE",
     "KAS_GATEWAY_LOG_LEVEL",
     "KAS_GATEWAY_LOG_FORMAT",
+    "KAS_GATEWAY_ENCRYPTION_KEYS",
+    "KAS_GATEWAY_ENCRYPTION_KEYS_FILE",
+    "KAS_GATEWAY_RECEPTIVE_AGENTS",
 ];
 
 /// Configuration flags shared by `serve`, `migrate` and `admin`.
@@ -162,6 +176,21 @@ pub struct ConfigArgs {
     /// Log format [default: text].
     #[arg(long, env = "KAS_GATEWAY_LOG_FORMAT", global = true, value_enum)]
     pub log_format: Option<LogFormat>,
+    /// Encryption keys for secrets at rest, `id=base64,...`, the first active
+    /// [default: a key file generated in the data directory].
+    #[arg(
+        long,
+        env = "KAS_GATEWAY_ENCRYPTION_KEYS",
+        global = true,
+        hide_env_values = true
+    )]
+    pub encryption_keys: Option<String>,
+    /// File holding the encryption keys.
+    #[arg(long, env = "KAS_GATEWAY_ENCRYPTION_KEYS_FILE", global = true)]
+    pub encryption_keys_file: Option<PathBuf>,
+    /// Receptive agents (URL configurations) on or off [default: true].
+    #[arg(long, env = "KAS_GATEWAY_RECEPTIVE_AGENTS", global = true)]
+    pub receptive_agents: Option<bool>,
 }
 
 /// The TOML file's keys: the same names as the flags, with underscores.
@@ -178,6 +207,9 @@ struct FileConfig {
     bootstrap_token_file: Option<PathBuf>,
     log_level: Option<String>,
     log_format: Option<LogFormat>,
+    encryption_keys: Option<String>,
+    encryption_keys_file: Option<PathBuf>,
+    receptive_agents: Option<bool>,
 }
 
 impl ConfigArgs {
@@ -212,6 +244,13 @@ impl ConfigArgs {
             file.bootstrap_token,
             file.bootstrap_token_file,
         )?;
+        let encryption_keys = secret_value(
+            "encryption keys",
+            self.encryption_keys,
+            self.encryption_keys_file,
+            file.encryption_keys,
+            file.encryption_keys_file,
+        )?;
         if let Some(token) = &bootstrap_token
             && token.expose().len() < MIN_BOOTSTRAP_TOKEN_LEN
         {
@@ -238,6 +277,11 @@ impl ConfigArgs {
                 .or(file.log_level)
                 .unwrap_or_else(|| "info".into()),
             log_format: self.log_format.or(file.log_format).unwrap_or_default(),
+            encryption_keys,
+            receptive_agents: self
+                .receptive_agents
+                .or(file.receptive_agents)
+                .unwrap_or(true),
         })
     }
 }

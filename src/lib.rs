@@ -1,5 +1,6 @@
 //! kas-gateway: the GitLab side of receptive Kubernetes agents, as a standalone service.
 
+pub mod certs;
 pub mod clock;
 pub mod config;
 pub mod crypto;

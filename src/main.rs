@@ -33,9 +33,26 @@ enum Command {
     Serve,
     /// Applies database migrations and exits.
     Migrate,
-    /// Administration of users, tokens, projects and members.
+    /// Administration of users, tokens, projects, members and encryption keys.
     #[command(subcommand)]
     Admin(Admin),
+    /// Certificates for trying the gateway out.
+    #[command(subcommand)]
+    Certs(Certs),
+}
+
+#[derive(Subcommand, Debug)]
+enum Certs {
+    /// Writes a development CA, a server certificate for an agent host and an mTLS client
+    /// certificate (with their keys, mode 0600).
+    Dev {
+        /// Output directory.
+        #[arg(long, default_value = "certs")]
+        out: std::path::PathBuf,
+        /// Host name of the agent's server certificate (localhost and 127.0.0.1 are added).
+        #[arg(long, default_value = "agent.local")]
+        host: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -97,14 +114,26 @@ enum Admin {
         #[arg(long)]
         access_level: String,
     },
+    /// Re-encrypts every stored secret under the active key. With the generated key file,
+    /// first adds a new key to it; with configured keys, put the new key first beforehand.
+    RotateEncryptionKey,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if let Command::Certs(Certs::Dev { out, host }) = &cli.command {
+        #[allow(clippy::disallowed_methods)] // certificates are dated by the wall clock
+        let now = time::OffsetDateTime::now_utc();
+        for file in kas_gateway::certs::write_dev_certs(out, host, now)? {
+            println!("wrote {}", file.display());
+        }
+        return Ok(());
+    }
     let config = cli.config.resolve()?;
     telemetry::init(&config.log_level, config.log_format)?;
     match cli.command {
+        Command::Certs(_) => Ok(()),
         Command::Serve => {
             let shutdown = CancellationToken::new();
             server::cancel_on_signals(shutdown.clone());
@@ -117,8 +146,7 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Admin(admin) => {
-            let store = server::open_store(&config).await?;
-            let service = Service::new(Arc::clone(&store), Arc::new(SystemClock));
+            let (store, service) = server::open_service(&config, Arc::new(SystemClock)).await?;
             server::bootstrap(&service, &config).await?;
             let outcome = run_admin(&service, admin).await;
             store.close().await;
@@ -219,6 +247,16 @@ async fn run_admin(service: &Service, admin: Admin) -> anyhow::Result<()> {
                 "{} is now {} of {project}",
                 member.user.username,
                 member.access_level.name()
+            );
+        }
+        Admin::RotateEncryptionKey => {
+            if let Some(id) = service.add_encryption_key()? {
+                println!("added encryption key {id} to the key file; it is now the active key");
+            }
+            let (changed, current) = service.reencrypt_secrets().await.map_err(explain)?;
+            println!(
+                "re-encrypted {changed} secret(s) under key {}; {current} already were",
+                service.active_encryption_key()
             );
         }
     }

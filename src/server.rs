@@ -12,7 +12,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::clock::SharedClock;
 use crate::config::{Config, database_kind};
-use crate::domain::Service;
+use crate::crypto::keys::{KeySource, Secrets};
+use crate::domain::{Service, Settings};
 use crate::rest;
 use crate::store::{self, SharedStore};
 
@@ -47,6 +48,38 @@ fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// Loads the encryption keys: the configured ones, or the key file in the data directory
+/// (generated on first start, with a log line that says so).
+pub fn load_secrets(config: &Config) -> anyhow::Result<Arc<Secrets>> {
+    let (secrets, generated) = Secrets::load(config.encryption_keys.as_ref(), &config.data_dir)
+        .context("loading the encryption keys")?;
+    if let KeySource::File(path) = secrets.source() {
+        if generated {
+            tracing::warn!(
+                file = %path.display(),
+                "generated an encryption key file: back it up with the database, or configure KAS_GATEWAY_ENCRYPTION_KEYS"
+            );
+        } else {
+            tracing::info!(file = %path.display(), "encryption keys read from the key file");
+        }
+    }
+    Ok(Arc::new(secrets))
+}
+
+/// Opens the store and builds the domain service over it.
+pub async fn open_service(
+    config: &Config,
+    clock: SharedClock,
+) -> anyhow::Result<(SharedStore, Service)> {
+    let store = open_store(config).await?;
+    let secrets = load_secrets(config)?;
+    let settings = Settings {
+        receptive_agents: config.receptive_agents,
+    };
+    let service = Service::new(Arc::clone(&store), clock, secrets, settings);
+    Ok((store, service))
 }
 
 /// On an empty database, creates `root` with the configured token, or with a random one
@@ -108,8 +141,7 @@ pub async fn start(
     clock: SharedClock,
     shutdown: CancellationToken,
 ) -> anyhow::Result<Server> {
-    let store = open_store(config).await?;
-    let service = Service::new(Arc::clone(&store), clock);
+    let (store, service) = open_service(config, clock).await?;
     bootstrap(&service, config).await?;
 
     let listener = TcpListener::bind(config.listen)

@@ -7,6 +7,10 @@ use ring::rand::{SecureRandom, SystemRandom};
 
 use crate::domain::{Error, Result};
 
+pub mod envelope;
+pub mod keys;
+pub mod x509;
+
 /// Prefix of agent tokens, as GitLab issues them.
 pub const AGENT_TOKEN_PREFIX: &str = "glagent-";
 /// Prefix of personal access tokens, as GitLab issues them.

@@ -393,6 +393,62 @@ pub struct AgentToken {
     pub last_used_at: Option<Timestamp>,
 }
 
+/// How a receptive agent is dialled: where, and with which credentials (never the secret).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UrlConfiguration {
+    /// Id.
+    pub id: Id,
+    /// The agent it belongs to (one configuration per agent).
+    pub agent_id: Id,
+    /// `grpc://` or `grpcs://` URL of the agent's server.
+    pub url: String,
+    /// JWT mode: standard base64 of the raw Ed25519 public key.
+    pub public_key: Option<String>,
+    /// mTLS mode: the client certificate (PEM).
+    pub client_cert: Option<String>,
+    /// The CA that signed the agent's server certificate (PEM), if not a public one.
+    pub ca_cert: Option<String>,
+    /// The server name to verify, if not the URL's host.
+    pub tls_host: Option<String>,
+    /// Who created it.
+    pub created_by_user_id: Id,
+    /// Creation time.
+    pub created_at: Timestamp,
+}
+
+/// Which secret column of a URL configuration holds its sealed key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SecretColumn {
+    /// The generated Ed25519 private key (PKCS#8), JWT mode.
+    PrivateKey,
+    /// The client certificate's private key (PEM), mTLS mode.
+    ClientKey,
+}
+
+impl SecretColumn {
+    /// The table both columns live in.
+    pub const TABLE: &'static str = "agent_url_configurations";
+
+    /// The column's name.
+    pub const fn column(self) -> &'static str {
+        match self {
+            Self::PrivateKey => "private_key",
+            Self::ClientKey => "client_key",
+        }
+    }
+}
+
+/// One sealed secret as stored, for re-encryption.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SealedSecret {
+    /// Column.
+    pub column: SecretColumn,
+    /// Row id.
+    pub row: Id,
+    /// The envelope.
+    pub envelope: Vec<u8>,
+}
+
 /// One page of a list request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PageRequest {

@@ -9,9 +9,12 @@ use super::error::{Error, Missing, ParamProblem, Result};
 use super::model::*;
 use super::validate;
 use crate::clock::SharedClock;
-use crate::crypto::{self, Secret, TokenDigest};
+use crate::crypto::envelope::Place;
+use crate::crypto::keys::Secrets;
+use crate::crypto::{self, Secret, TokenDigest, x509};
 use crate::store::{
-    MemberRemoved, NewAgentToken, NewPersonalToken, NewProject, NewUser, SharedStore, TokenCreated,
+    MemberRemoved, NewAgentToken, NewPersonalToken, NewProject, NewUrlConfiguration, NewUser,
+    SharedStore, TokenCreated,
 };
 
 /// At most this many active tokens per agent.
@@ -94,12 +97,72 @@ pub struct NewTokenInput {
     pub expires_at: Option<Date>,
 }
 
+/// Switches that change what the service offers.
+#[derive(Clone, Copy, Debug)]
+pub struct Settings {
+    /// Receptive agents (URL configurations); when off, their endpoints answer 404.
+    pub receptive_agents: bool,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            receptive_agents: true,
+        }
+    }
+}
+
+/// A URL configuration to create, as given by a client.
+#[derive(Clone, Debug, Default)]
+pub struct UrlConfigurationInput {
+    /// `grpc://` or `grpcs://` URL.
+    pub url: String,
+    /// Client certificate (PEM or base64 of PEM), for mTLS.
+    pub client_cert: Option<String>,
+    /// Client key (PEM or base64 of PEM), for mTLS.
+    pub client_key: Option<String>,
+    /// CA certificate (PEM or base64 of PEM).
+    pub ca_cert: Option<String>,
+    /// TLS server name.
+    pub tls_host: Option<String>,
+}
+
+/// The secret a dialer authenticates with, decrypted in memory only.
+pub enum DialCredentials {
+    /// JWT mode: the Ed25519 private key (PKCS#8).
+    Jwt {
+        /// PKCS#8 document.
+        pkcs8: zeroize::Zeroizing<Vec<u8>>,
+    },
+    /// mTLS mode: the client certificate's private key (PEM).
+    Mtls {
+        /// PEM text.
+        client_key: zeroize::Zeroizing<Vec<u8>>,
+    },
+}
+
+impl std::fmt::Debug for DialCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Jwt { .. } => f.write_str("DialCredentials::Jwt([REDACTED])"),
+            Self::Mtls { .. } => f.write_str("DialCredentials::Mtls([REDACTED])"),
+        }
+    }
+}
+
+/// Largest accepted PEM field (certificates, keys), in characters.
+pub const MAX_PEM_LEN: usize = 64 * 1024;
+/// Largest accepted URL, in characters.
+pub const MAX_URL_LEN: usize = 2048;
+
 /// The domain service every transport calls.
 #[derive(Clone)]
 pub struct Service {
     store: SharedStore,
     clock: SharedClock,
     rng: Arc<SystemRandom>,
+    secrets: Arc<Secrets>,
+    settings: Settings,
 }
 
 impl std::fmt::Debug for Service {
@@ -111,12 +174,19 @@ impl std::fmt::Debug for Service {
 }
 
 impl Service {
-    /// A service over `store`, reading time from `clock`.
-    pub fn new(store: SharedStore, clock: SharedClock) -> Self {
+    /// A service over `store`, reading time from `clock`, sealing secrets with `secrets`.
+    pub fn new(
+        store: SharedStore,
+        clock: SharedClock,
+        secrets: Arc<Secrets>,
+        settings: Settings,
+    ) -> Self {
         Self {
             store,
             clock,
             rng: Arc::new(crypto::system_random()),
+            secrets,
+            settings,
         }
     }
 
@@ -692,6 +762,319 @@ impl Service {
             Err(Error::NotFound(Missing::Record))
         }
     }
+}
+
+impl Service {
+    // ---- URL configurations (receptive agents) ------------------------------------
+
+    fn require_receptive(&self) -> Result<()> {
+        if self.settings.receptive_agents {
+            Ok(())
+        } else {
+            Err(Error::NotFound(Missing::Resource))
+        }
+    }
+
+    async fn agent_for_url_configurations(
+        &self,
+        caller: &Caller,
+        project: &ProjectRef,
+        agent_id: Id,
+        need: AccessLevel,
+    ) -> Result<Agent> {
+        self.require_receptive()?;
+        let (project, _) = self
+            .project_with_role(caller, project, need, Error::Forbidden)
+            .await?;
+        self.agent_of(&project, agent_id).await
+    }
+
+    /// An agent's URL configurations (Developer).
+    pub async fn list_url_configurations(
+        &self,
+        caller: &Caller,
+        project: &ProjectRef,
+        agent_id: Id,
+    ) -> Result<Vec<UrlConfiguration>> {
+        let agent = self
+            .agent_for_url_configurations(caller, project, agent_id, AccessLevel::Developer)
+            .await?;
+        self.store.url_configurations(agent.id).await
+    }
+
+    /// One URL configuration (Developer).
+    pub async fn url_configuration(
+        &self,
+        caller: &Caller,
+        project: &ProjectRef,
+        agent_id: Id,
+        id: Id,
+    ) -> Result<UrlConfiguration> {
+        let agent = self
+            .agent_for_url_configurations(caller, project, agent_id, AccessLevel::Developer)
+            .await?;
+        self.store
+            .url_configuration(agent.id, id)
+            .await?
+            .ok_or(Error::NotFound(Missing::Resource))
+    }
+
+    /// Creates an agent's URL configuration (Maintainer): mTLS when a client certificate
+    /// is given, else JWT with a new Ed25519 key pair. At most one per agent.
+    pub async fn create_url_configuration(
+        &self,
+        caller: &Caller,
+        project: &ProjectRef,
+        agent_id: Id,
+        input: UrlConfigurationInput,
+    ) -> Result<UrlConfiguration> {
+        let agent = self
+            .agent_for_url_configurations(caller, project, agent_id, AccessLevel::Maintainer)
+            .await?;
+        let checked = check_url_configuration(input, self.now())?;
+        let (secret_column, public_key, secret) = match checked.client_key {
+            Some(client_key) => (SecretColumn::ClientKey, None, client_key),
+            None => {
+                let (pkcs8, public) = x509::generate_ed25519(self.rng.as_ref())
+                    .ok_or_else(|| Error::Internal("Ed25519 key generation failed".into()))?;
+                (SecretColumn::PrivateKey, Some(x509::base64(&public)), pkcs8)
+            }
+        };
+        let secrets = Arc::clone(&self.secrets);
+        let seal = move |row: Id| {
+            secrets.seal(
+                &secret,
+                Place {
+                    table: SecretColumn::TABLE,
+                    column: secret_column.column(),
+                    row,
+                },
+            )
+        };
+        let created = self
+            .store
+            .create_url_configuration(
+                NewUrlConfiguration {
+                    agent_id: agent.id,
+                    url: checked.url,
+                    public_key,
+                    client_cert: checked.client_cert,
+                    ca_cert: checked.ca_cert,
+                    tls_host: checked.tls_host,
+                    secret_column,
+                    created_by_user_id: caller.user.id,
+                    created_at: self.now(),
+                },
+                &seal,
+            )
+            .await;
+        match created {
+            Err(Error::Conflict) => Err(Error::BadRequest(
+                "URL configuration already exists for this agent".into(),
+            )),
+            other => other,
+        }
+    }
+
+    /// Deletes a URL configuration (Maintainer).
+    pub async fn delete_url_configuration(
+        &self,
+        caller: &Caller,
+        project: &ProjectRef,
+        agent_id: Id,
+        id: Id,
+    ) -> Result<()> {
+        let agent = self
+            .agent_for_url_configurations(caller, project, agent_id, AccessLevel::Maintainer)
+            .await?;
+        if self.store.delete_url_configuration(agent.id, id).await? {
+            Ok(())
+        } else {
+            Err(Error::NotFound(Missing::Resource))
+        }
+    }
+
+    /// The decrypted credentials of a URL configuration, for the dialer.
+    pub async fn dial_credentials(&self, config_id: Id) -> Result<DialCredentials> {
+        let sealed = self
+            .store
+            .url_configuration_secret(config_id)
+            .await?
+            .ok_or(Error::NotFound(Missing::Resource))?;
+        let plaintext = self.secrets.open(
+            &sealed.envelope,
+            Place {
+                table: SecretColumn::TABLE,
+                column: sealed.column.column(),
+                row: sealed.row,
+            },
+        )?;
+        Ok(match sealed.column {
+            SecretColumn::PrivateKey => DialCredentials::Jwt { pkcs8: plaintext },
+            SecretColumn::ClientKey => DialCredentials::Mtls {
+                client_key: plaintext,
+            },
+        })
+    }
+
+    /// With a generated key file, adds a new active key to it and returns its id; with
+    /// configured keys, does nothing (the operator puts the new key first).
+    pub fn add_encryption_key(&self) -> anyhow::Result<Option<String>> {
+        match self.secrets.source() {
+            crate::crypto::keys::KeySource::File(_) => self.secrets.add_file_key().map(Some),
+            crate::crypto::keys::KeySource::Configured => Ok(None),
+        }
+    }
+
+    /// The id of the key that seals new secrets.
+    pub fn active_encryption_key(&self) -> String {
+        self.secrets.active_id()
+    }
+
+    /// Re-encrypts every stored secret that is not under the active key. Returns how many
+    /// were re-encrypted and how many were already current.
+    pub async fn reencrypt_secrets(&self) -> Result<(usize, usize)> {
+        let active = self.secrets.active_id();
+        let (mut changed, mut current) = (0, 0);
+        for sealed in self.store.sealed_secrets().await? {
+            if crypto::envelope::key_id(&sealed.envelope).ok().as_deref() == Some(active.as_str()) {
+                current += 1;
+                continue;
+            }
+            let place = Place {
+                table: SecretColumn::TABLE,
+                column: sealed.column.column(),
+                row: sealed.row,
+            };
+            let plaintext = self.secrets.open(&sealed.envelope, place)?;
+            let envelope = self.secrets.seal(&plaintext, place)?;
+            // A row deleted meanwhile needs nothing more.
+            if self.store.replace_sealed_secret(&sealed, &envelope).await? {
+                changed += 1;
+            }
+        }
+        Ok((changed, current))
+    }
+}
+
+/// A validated URL configuration, certificates normalised to PEM.
+struct CheckedUrlConfiguration {
+    url: String,
+    client_cert: Option<String>,
+    client_key: Option<zeroize::Zeroizing<Vec<u8>>>,
+    ca_cert: Option<String>,
+    tls_host: Option<String>,
+}
+
+/// GitLab's validations, then kas-gateway's: the pair must come together, belong together,
+/// and be in date; a client certificate needs TLS.
+fn check_url_configuration(
+    input: UrlConfigurationInput,
+    now: Timestamp,
+) -> Result<CheckedUrlConfiguration> {
+    let blank_to_none = |v: Option<String>| v.filter(|s| !s.trim().is_empty());
+    let client_cert = blank_to_none(input.client_cert);
+    let client_key = blank_to_none(input.client_key).map(zeroize::Zeroizing::new);
+    let ca_cert = blank_to_none(input.ca_cert);
+    let tls_host = blank_to_none(input.tls_host).map(|h| h.trim().to_owned());
+    let mut errors = Vec::new();
+
+    let too_long = |name: &str, value: Option<&str>, max: usize| {
+        value
+            .filter(|v| v.chars().count() > max)
+            .map(|_| format!("{name} is too long (maximum is {max} characters)"))
+    };
+    errors.extend(too_long("Url", Some(&input.url), MAX_URL_LEN));
+    errors.extend(too_long("Client cert", client_cert.as_deref(), MAX_PEM_LEN));
+    errors.extend(too_long(
+        "Client key",
+        client_key.as_deref().map(String::as_str),
+        MAX_PEM_LEN,
+    ));
+    errors.extend(too_long("Ca cert", ca_cert.as_deref(), MAX_PEM_LEN));
+    if !errors.is_empty() {
+        return Err(Error::Validation(errors));
+    }
+
+    let url = input.url.trim().to_owned();
+    let scheme = url::Url::parse(&url)
+        .ok()
+        .filter(|u| matches!(u.scheme(), "grpc" | "grpcs"))
+        .filter(|u| u.host_str().is_some_and(|h| !h.is_empty()))
+        .map(|u| u.scheme().to_owned());
+    if scheme.is_none() {
+        errors.push("Url is not a valid URL".to_owned());
+    }
+
+    let ca_cert = match ca_cert {
+        None => None,
+        Some(value) => {
+            let pem =
+                x509::normalize_pem(&value).filter(|pem| x509::parse_certificates(pem).is_some());
+            if pem.is_none() {
+                errors.push("Ca cert must be a valid PEM certificate".to_owned());
+            }
+            pem
+        }
+    };
+    if let Some(host) = &tls_host
+        && rustls_pki_types::ServerName::try_from(host.as_str()).is_err()
+    {
+        errors.push("Tls host must be a valid hostname!".to_owned());
+    }
+
+    let cert = client_cert.as_ref().map(|value| {
+        x509::normalize_pem(value)
+            .and_then(|pem| x509::parse_certificates(&pem).map(|info| (pem, info)))
+    });
+    if matches!(cert, Some(None)) {
+        errors.push("Client cert must be a valid PEM certificate".to_owned());
+    }
+    let key = client_key.as_ref().map(|value| {
+        x509::normalize_pem(value)
+            .map(zeroize::Zeroizing::new)
+            .and_then(|pem| x509::parse_private_key(&pem).map(|public| (pem, public)))
+    });
+    if matches!(key, Some(None)) {
+        errors.push("Client key must be a valid PEM private key".to_owned());
+    }
+    match (&cert, &key) {
+        (Some(_), None) => {
+            errors.push("Client key can't be blank when a client cert is given".to_owned())
+        }
+        (None, Some(_)) => {
+            errors.push("Client cert can't be blank when a client key is given".to_owned())
+        }
+        (Some(Some((_, info))), Some(Some((_, public)))) => {
+            if info.public_key != *public {
+                errors.push("Client key does not belong to the client cert".to_owned());
+            }
+            if info.not_after <= now {
+                errors.push("Client cert has expired".to_owned());
+            }
+        }
+        _ => {}
+    }
+    if cert.is_some() && scheme.as_deref() == Some("grpc") {
+        errors.push("Url must use grpcs:// when a client cert is given".to_owned());
+    }
+    if !errors.is_empty() {
+        return Err(Error::Validation(errors));
+    }
+    let (client_cert, client_key) = match (cert, key) {
+        (Some(Some((cert_pem, _))), Some(Some((key_pem, _)))) => (
+            Some(cert_pem),
+            Some(zeroize::Zeroizing::new(key_pem.as_bytes().to_vec())),
+        ),
+        _ => (None, None),
+    };
+    Ok(CheckedUrlConfiguration {
+        url,
+        client_cert,
+        client_key,
+        ca_cert,
+        tls_host,
+    })
 }
 
 fn require_admin(caller: &Caller) -> Result<()> {

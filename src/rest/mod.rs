@@ -24,6 +24,7 @@ pub mod health;
 pub mod paginate;
 pub mod projects;
 pub mod repr;
+pub mod url_configurations;
 pub mod users;
 
 /// Largest accepted request body.
@@ -54,12 +55,13 @@ impl IntoResponse for Error {
 #[openapi(
     info(
         title = "kas-gateway",
-        description = "GitLab's Kubernetes agent API (agents, agent tokens) and the user, project and member endpoints that set a gateway up."
+        description = "GitLab's Kubernetes agent API (agents, agent tokens, URL configurations) and the user, project and member endpoints that set a gateway up."
     ),
     modifiers(&PrivateToken),
     tags(
         (name = "cluster_agents", description = "Kubernetes agents"),
         (name = "cluster_agent_tokens", description = "Agent tokens"),
+        (name = "url_configurations", description = "Receptive agents: how the gateway dials them"),
         (name = "users", description = "Users and personal access tokens"),
         (name = "projects", description = "Projects"),
         (name = "members", description = "Project members"),
@@ -87,6 +89,11 @@ fn api() -> (Router<App>, utoipa::openapi::OpenApi) {
         .routes(routes!(agents::get_agent, agents::delete_agent))
         .routes(routes!(agents::list_tokens, agents::create_token))
         .routes(routes!(agents::get_token, agents::revoke_token))
+        .routes(routes!(
+            url_configurations::list,
+            url_configurations::create
+        ))
+        .routes(routes!(url_configurations::get, url_configurations::delete))
         .routes(routes!(users::current_user))
         .routes(routes!(users::create_user))
         .routes(routes!(users::get_user))

@@ -5,7 +5,8 @@ use utoipa::ToSchema;
 
 use crate::crypto::Secret;
 use crate::domain::{
-    Agent, AgentToken, Id, Member, PersonalAccessToken, Project, User, format_date,
+    Agent, AgentToken, Id, Member, PersonalAccessToken, Project, UrlConfiguration, User,
+    format_date,
 };
 
 /// `config_project` of an agent (GitLab's `ProjectIdentity`).
@@ -390,4 +391,37 @@ pub struct ErrorJson {
     /// For parameter errors: `name is missing`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+}
+
+/// A receptive agent's URL configuration: all seven keys, null where unset.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct UrlConfigurationJson {
+    /// Id.
+    pub id: Id,
+    /// The agent.
+    pub agent_id: Id,
+    /// `grpc://` or `grpcs://` URL.
+    pub url: String,
+    /// JWT mode: standard base64 of the raw Ed25519 public key (44 characters).
+    pub public_key: Option<String>,
+    /// mTLS mode: the client certificate, PEM.
+    pub client_cert: Option<String>,
+    /// CA certificate, PEM.
+    pub ca_cert: Option<String>,
+    /// TLS server name.
+    pub tls_host: Option<String>,
+}
+
+impl From<&UrlConfiguration> for UrlConfigurationJson {
+    fn from(config: &UrlConfiguration) -> Self {
+        Self {
+            id: config.id,
+            agent_id: config.agent_id,
+            url: config.url.clone(),
+            public_key: config.public_key.clone(),
+            client_cert: config.client_cert.clone(),
+            ca_cert: config.ca_cert.clone(),
+            tls_host: config.tls_host.clone(),
+        }
+    }
 }

@@ -11,7 +11,7 @@ use async_trait::async_trait;
 use crate::crypto::TokenDigest;
 use crate::domain::{
     AccessLevel, Agent, AgentToken, Id, Member, PageRequest, Paged, PersonalAccessToken, Project,
-    Result, Scope, Timestamp, User,
+    Result, Scope, SealedSecret, SecretColumn, Timestamp, UrlConfiguration, User,
 };
 
 #[macro_use]
@@ -99,6 +99,32 @@ pub enum TokenCreated {
     /// The agent already has the maximum number of active tokens.
     LimitReached,
 }
+
+/// A URL configuration to create; its secret is sealed once the row has an id.
+#[derive(Clone, Debug)]
+pub struct NewUrlConfiguration {
+    /// The agent.
+    pub agent_id: Id,
+    /// URL.
+    pub url: String,
+    /// JWT mode: the public key.
+    pub public_key: Option<String>,
+    /// mTLS mode: the client certificate.
+    pub client_cert: Option<String>,
+    /// CA certificate.
+    pub ca_cert: Option<String>,
+    /// TLS server name.
+    pub tls_host: Option<String>,
+    /// Which column receives the sealed secret.
+    pub secret_column: SecretColumn,
+    /// Creator.
+    pub created_by_user_id: Id,
+    /// Creation time.
+    pub created_at: Timestamp,
+}
+
+/// Seals a secret for the row id it is given (called inside the create transaction).
+pub type Sealer<'a> = &'a (dyn Fn(Id) -> Result<Vec<u8>> + Send + Sync);
 
 /// The outcome of removing a member.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -215,6 +241,27 @@ pub trait Store: Send + Sync + 'static {
     async fn agent_token(&self, agent_id: Id, token_id: Id) -> Result<Option<AgentToken>>;
     /// Revokes a token; false when the agent has no such token (active or revoked).
     async fn revoke_agent_token(&self, agent_id: Id, token_id: Id) -> Result<bool>;
+
+    /// Creates an agent's URL configuration with its sealed secret, in one transaction.
+    /// Conflict when the agent has one already (a unique index decides, also under
+    /// concurrency); NotFound when the agent is gone.
+    async fn create_url_configuration(
+        &self,
+        config: NewUrlConfiguration,
+        seal: Sealer<'_>,
+    ) -> Result<UrlConfiguration>;
+    /// An agent's URL configurations (zero or one).
+    async fn url_configurations(&self, agent_id: Id) -> Result<Vec<UrlConfiguration>>;
+    /// One URL configuration of an agent.
+    async fn url_configuration(&self, agent_id: Id, id: Id) -> Result<Option<UrlConfiguration>>;
+    /// Deletes one URL configuration of an agent; false when there is none with that id.
+    async fn delete_url_configuration(&self, agent_id: Id, id: Id) -> Result<bool>;
+    /// The sealed secret of a URL configuration.
+    async fn url_configuration_secret(&self, id: Id) -> Result<Option<SealedSecret>>;
+    /// Every sealed secret, for re-encryption.
+    async fn sealed_secrets(&self) -> Result<Vec<SealedSecret>>;
+    /// Replaces a sealed secret if it is still `old`; false when it changed or went away.
+    async fn replace_sealed_secret(&self, old: &SealedSecret, envelope: &[u8]) -> Result<bool>;
 }
 
 /// The handle the rest of the service holds.

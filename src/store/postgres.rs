@@ -7,13 +7,14 @@ use sqlx::{PgPool, Postgres, Transaction};
 
 use super::sql::*;
 use super::{
-    MemberRemoved, NewAgentToken, NewPersonalToken, NewProject, NewUser, ProjectTaken,
-    TokenCreated, map_sqlx,
+    MemberRemoved, NewAgentToken, NewPersonalToken, NewProject, NewUrlConfiguration, NewUser,
+    ProjectTaken, Sealer, TokenCreated, map_sqlx,
 };
 use crate::crypto::TokenDigest;
 use crate::domain::{
     AccessLevel, Agent, AgentToken, Error, Id, Member, Missing, PageRequest, Paged,
-    PersonalAccessToken, Project, Result, Timestamp, TokenStatus, User, format_date,
+    PersonalAccessToken, Project, Result, SealedSecret, Timestamp, TokenStatus, UrlConfiguration,
+    User, format_date,
 };
 
 /// The PostgreSQL store.

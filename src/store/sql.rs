@@ -7,7 +7,7 @@
 use crate::crypto::TokenDigest;
 use crate::domain::{
     AccessLevel, Agent, AgentToken, Error, Member, Namespace, PersonalAccessToken, Project, Result,
-    Scope, Timestamp, TokenStatus, User, parse_date,
+    Scope, SealedSecret, SecretColumn, Timestamp, TokenStatus, UrlConfiguration, User, parse_date,
 };
 
 /// Columns of a user, aliased so that a user can be joined to anything.
@@ -53,7 +53,7 @@ macro_rules! agent_select {
     () => {
         concat!(
             "SELECT a.id, a.name, a.created_at, a.updated_at, a.created_by_user_id, \
-             FALSE AS is_receptive, ",
+             EXISTS (SELECT 1 FROM agent_url_configurations c WHERE c.agent_id = a.id) AS is_receptive, ",
             project_columns!(),
             " FROM cluster_agents a JOIN projects p ON p.id = a.project_id \
              JOIN users ns ON ns.id = p.namespace_id "
@@ -256,6 +256,92 @@ impl TryFrom<TokenRow> for AgentToken {
             created_by_user_id: row.created_by_user_id,
             last_used_at: row.last_used_at.map(Timestamp::from_millis),
         })
+    }
+}
+
+/// Columns of a URL configuration (never its sealed secrets).
+macro_rules! url_configuration_select {
+    () => {
+        "SELECT id, agent_id, url, public_key, client_cert, ca_cert, tls_host, \
+         created_by_user_id, created_at FROM agent_url_configurations "
+    };
+}
+
+#[derive(sqlx::FromRow)]
+pub(crate) struct UrlConfigurationRow {
+    id: i64,
+    agent_id: i64,
+    url: String,
+    public_key: Option<String>,
+    client_cert: Option<String>,
+    ca_cert: Option<String>,
+    tls_host: Option<String>,
+    created_by_user_id: i64,
+    created_at: i64,
+}
+
+impl From<UrlConfigurationRow> for UrlConfiguration {
+    fn from(row: UrlConfigurationRow) -> Self {
+        UrlConfiguration {
+            id: row.id,
+            agent_id: row.agent_id,
+            url: row.url,
+            public_key: row.public_key,
+            client_cert: row.client_cert,
+            ca_cert: row.ca_cert,
+            tls_host: row.tls_host,
+            created_by_user_id: row.created_by_user_id,
+            created_at: Timestamp::from_millis(row.created_at),
+        }
+    }
+}
+
+#[derive(sqlx::FromRow)]
+pub(crate) struct SealedRow {
+    id: i64,
+    private_key: Option<Vec<u8>>,
+    client_key: Option<Vec<u8>>,
+}
+
+impl SealedRow {
+    pub(crate) fn into_secrets(self) -> impl Iterator<Item = SealedSecret> {
+        let row = self.id;
+        [
+            (SecretColumn::PrivateKey, self.private_key),
+            (SecretColumn::ClientKey, self.client_key),
+        ]
+        .into_iter()
+        .filter_map(move |(column, envelope)| {
+            envelope.map(|envelope| SealedSecret {
+                column,
+                row,
+                envelope,
+            })
+        })
+    }
+}
+
+/// Stores a sealed secret in its column; binds envelope, row id.
+pub(crate) const fn store_sealed_sql(column: SecretColumn) -> &'static str {
+    match column {
+        SecretColumn::PrivateKey => {
+            "UPDATE agent_url_configurations SET private_key = $1 WHERE id = $2"
+        }
+        SecretColumn::ClientKey => {
+            "UPDATE agent_url_configurations SET client_key = $1 WHERE id = $2"
+        }
+    }
+}
+
+/// Replaces a sealed secret that is still the old one; binds new envelope, row id, old envelope.
+pub(crate) const fn replace_sealed_sql(column: SecretColumn) -> &'static str {
+    match column {
+        SecretColumn::PrivateKey => {
+            "UPDATE agent_url_configurations SET private_key = $1 WHERE id = $2 AND private_key = $3"
+        }
+        SecretColumn::ClientKey => {
+            "UPDATE agent_url_configurations SET client_key = $1 WHERE id = $2 AND client_key = $3"
+        }
     }
 }
 
@@ -890,6 +976,122 @@ macro_rules! sql_store {
                 .await
                 .map_err(map_sqlx)?;
                 row.map(AgentToken::try_from).transpose()
+            }
+
+            async fn create_url_configuration(
+                &self,
+                config: NewUrlConfiguration,
+                seal: Sealer<'_>,
+            ) -> Result<UrlConfiguration> {
+                let mut tx = self.begin_write().await?;
+                let id: i64 = sqlx::query_scalar(
+                    "INSERT INTO agent_url_configurations \
+                     (agent_id, url, public_key, client_cert, ca_cert, tls_host, created_by_user_id, created_at) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING id",
+                )
+                .bind(config.agent_id)
+                .bind(&config.url)
+                .bind(&config.public_key)
+                .bind(&config.client_cert)
+                .bind(&config.ca_cert)
+                .bind(&config.tls_host)
+                .bind(config.created_by_user_id)
+                .bind(config.created_at.as_millis())
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(map_sqlx)?;
+                let envelope = seal(id)?;
+                sqlx::query(store_sealed_sql(config.secret_column))
+                    .bind(envelope)
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(map_sqlx)?;
+                tx.commit().await.map_err(map_sqlx)?;
+                Ok(UrlConfiguration {
+                    id,
+                    agent_id: config.agent_id,
+                    url: config.url,
+                    public_key: config.public_key,
+                    client_cert: config.client_cert,
+                    ca_cert: config.ca_cert,
+                    tls_host: config.tls_host,
+                    created_by_user_id: config.created_by_user_id,
+                    created_at: config.created_at,
+                })
+            }
+
+            async fn url_configurations(&self, agent_id: Id) -> Result<Vec<UrlConfiguration>> {
+                let rows: Vec<UrlConfigurationRow> = sqlx::query_as(concat!(
+                    url_configuration_select!(),
+                    "WHERE agent_id = $1 ORDER BY id"
+                ))
+                .bind(agent_id)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(map_sqlx)?;
+                Ok(rows.into_iter().map(UrlConfiguration::from).collect())
+            }
+
+            async fn url_configuration(
+                &self,
+                agent_id: Id,
+                id: Id,
+            ) -> Result<Option<UrlConfiguration>> {
+                let row: Option<UrlConfigurationRow> = sqlx::query_as(concat!(
+                    url_configuration_select!(),
+                    "WHERE agent_id = $1 AND id = $2"
+                ))
+                .bind(agent_id)
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(map_sqlx)?;
+                Ok(row.map(UrlConfiguration::from))
+            }
+
+            async fn delete_url_configuration(&self, agent_id: Id, id: Id) -> Result<bool> {
+                let done = sqlx::query(
+                    "DELETE FROM agent_url_configurations WHERE agent_id = $1 AND id = $2",
+                )
+                .bind(agent_id)
+                .bind(id)
+                .execute(&self.pool)
+                .await
+                .map_err(map_sqlx)?;
+                Ok(done.rows_affected() > 0)
+            }
+
+            async fn url_configuration_secret(&self, id: Id) -> Result<Option<SealedSecret>> {
+                let row: Option<SealedRow> = sqlx::query_as(
+                    "SELECT id, private_key, client_key FROM agent_url_configurations WHERE id = $1",
+                )
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(map_sqlx)?;
+                Ok(row.and_then(|row| row.into_secrets().next()))
+            }
+
+            async fn sealed_secrets(&self) -> Result<Vec<SealedSecret>> {
+                let rows: Vec<SealedRow> = sqlx::query_as(
+                    "SELECT id, private_key, client_key FROM agent_url_configurations ORDER BY id",
+                )
+                .fetch_all(&self.pool)
+                .await
+                .map_err(map_sqlx)?;
+                Ok(rows.into_iter().flat_map(SealedRow::into_secrets).collect())
+            }
+
+            async fn replace_sealed_secret(&self, old: &SealedSecret, envelope: &[u8]) -> Result<bool> {
+                let done = sqlx::query(replace_sealed_sql(old.column))
+                    .bind(envelope)
+                    .bind(old.row)
+                    .bind(&old.envelope)
+                    .execute(&self.pool)
+                    .await
+                    .map_err(map_sqlx)?;
+                Ok(done.rows_affected() > 0)
             }
 
             async fn revoke_agent_token(&self, agent_id: Id, token_id: Id) -> Result<bool> {
