@@ -124,6 +124,8 @@ pub struct Server {
     pub addr: SocketAddr,
     /// The URL the gateway announces.
     pub external_url: String,
+    /// The domain service the transports call.
+    pub service: Service,
     task: JoinHandle<anyhow::Result<()>>,
 }
 
@@ -153,7 +155,7 @@ pub async fn start(
         .clone()
         .unwrap_or_else(|| format!("http://{addr}"));
     let app = rest::App {
-        service,
+        service: service.clone(),
         external_url: Arc::from(external_url.as_str()),
     };
     let router = rest::router(app);
@@ -170,6 +172,7 @@ pub async fn start(
     Ok(Server {
         addr,
         external_url,
+        service,
         task,
     })
 }

@@ -444,3 +444,105 @@ async fn the_admin_cli_sets_a_gateway_up() {
         "Alice / Infra"
     );
 }
+
+#[test]
+fn certs_dev_writes_a_ca_a_server_and_a_client() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("certs");
+    let output = Command::new(BIN)
+        .args(["certs", "dev", "--out"])
+        .arg(&out)
+        .args(["--host", "agent.test"])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    for (name, mode) in [
+        ("ca.pem", 0o644),
+        ("ca-key.pem", 0o600),
+        ("server.pem", 0o644),
+        ("server-key.pem", 0o600),
+        ("client.pem", 0o644),
+        ("client-key.pem", 0o600),
+    ] {
+        let meta = std::fs::metadata(out.join(name)).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o777, mode, "{name}");
+    }
+    let server = std::fs::read(out.join("server.pem")).unwrap();
+    let (_, pem) = x509_parser::pem::parse_x509_pem(&server).unwrap();
+    let cert = pem.parse_x509().unwrap();
+    let names = format!(
+        "{:?}",
+        cert.subject_alternative_name().unwrap().unwrap().value
+    );
+    assert!(
+        names.contains("agent.test") && names.contains("localhost"),
+        "{names}"
+    );
+}
+
+#[tokio::test]
+async fn rotate_encryption_key_from_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = "glpat-rotation-test-token-000000";
+    let mut gateway = Gateway::start({
+        let mut c = command(dir.path());
+        c.env("KAS_GATEWAY_BOOTSTRAP_TOKEN", token);
+        c
+    });
+    let (_, project) = send(
+        reqwest::Method::POST,
+        &gateway.url("/api/v4/projects"),
+        token,
+        Some(json!({"name": "p"})),
+    )
+    .await;
+    let agents = format!("/api/v4/projects/{}/cluster_agents", project["id"]);
+    let (_, agent) = send(
+        reqwest::Method::POST,
+        &gateway.url(&agents),
+        token,
+        Some(json!({"name": "a"})),
+    )
+    .await;
+    let (status, _) = send(
+        reqwest::Method::POST,
+        &gateway.url(&format!("{agents}/{}/url_configurations", agent["id"])),
+        token,
+        Some(json!({"url": "grpcs://agent:443"})),
+    )
+    .await;
+    assert_eq!(status, 201);
+    let output = command(dir.path())
+        .args(["admin", "rotate-encryption-key"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.contains("added encryption key k2"), "{stdout}");
+    assert!(
+        stdout.contains("re-encrypted 1 secret(s) under key k2"),
+        "{stdout}"
+    );
+    let keys = std::fs::read_to_string(dir.path().join("encryption-keys")).unwrap();
+    let ids: Vec<&str> = keys
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split('=').next())
+        .collect();
+    assert_eq!(ids, ["k2", "k1"]);
+    gateway.signal("TERM");
+    assert_eq!(gateway.wait(), Some(0));
+    assert!(
+        !gateway
+            .log_text()
+            .contains(keys.lines().nth(1).unwrap().split_once('=').unwrap().1)
+    );
+}

@@ -160,6 +160,11 @@ impl Reply {
 impl Gateway {
     /// Starts a gateway on `backend`, or returns `None` when PostgreSQL was switched off.
     pub async fn start(backend: Backend) -> Option<Self> {
+        Self::start_with(backend, |_| {}).await
+    }
+
+    /// Starts a gateway with a configuration adjusted by `adjust`.
+    pub async fn start_with(backend: Backend, adjust: impl FnOnce(&mut Config)) -> Option<Self> {
         let data_dir = tempfile::tempdir().unwrap();
         let pg = match backend {
             Backend::Sqlite => None,
@@ -176,6 +181,7 @@ impl Gateway {
         config.listen = "127.0.0.1:0".parse().unwrap();
         config.external_url = Some(EXTERNAL_URL.to_owned());
         config.bootstrap_token = Some(Secret::new(ROOT_TOKEN));
+        adjust(&mut config);
         let clock = Arc::new(ManualClock::new(START));
         let mut gateway = Self {
             backend,
@@ -207,6 +213,51 @@ impl Gateway {
         let port: std::net::SocketAddr = self.base.trim_start_matches("http://").parse().unwrap();
         self.config.listen = port;
         self.boot().await;
+    }
+
+    /// The running gateway's domain service.
+    pub fn service(&self) -> kas_gateway::domain::Service {
+        self.server.as_ref().expect("running").service.clone()
+    }
+
+    /// Every byte of the database: the SQLite files (call after `stop`), or every row of
+    /// every table of the PostgreSQL database as text (bytea as hex).
+    pub async fn database_bytes(&self) -> Vec<u8> {
+        match &self.pg {
+            Some(pg) => {
+                let pool = sqlx::PgPool::connect(&pg.url).await.unwrap();
+                let tables: Vec<String> = sqlx::query_scalar(
+                    "SELECT tablename::text FROM pg_tables WHERE schemaname = 'public'",
+                )
+                .fetch_all(&pool)
+                .await
+                .unwrap();
+                let mut bytes = Vec::new();
+                for table in tables {
+                    let rows: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+                        "SELECT t::text FROM {table} t"
+                    )))
+                    .fetch_all(&pool)
+                    .await
+                    .unwrap();
+                    // bytea columns render as hex: look for secrets in both forms.
+                    for row in rows {
+                        bytes.extend(row.into_bytes());
+                    }
+                }
+                bytes
+            }
+            None => {
+                let mut bytes = Vec::new();
+                for entry in std::fs::read_dir(self.data_dir.path()).unwrap() {
+                    let path = entry.unwrap().path();
+                    if path.to_string_lossy().contains("kas-gateway.db") {
+                        bytes.extend(std::fs::read(path).unwrap());
+                    }
+                }
+                bytes
+            }
+        }
     }
 
     /// Stops the gateway and waits for it.
@@ -362,6 +413,16 @@ macro_rules! gateway {
             None => return,
         }
     };
+}
+
+/// Whether `needle` occurs in `haystack`.
+pub fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    !needle.is_empty() && haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// Hex of bytes, as PostgreSQL renders bytea.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// The keys of a JSON object in the order they appear on the wire.
