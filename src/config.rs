@@ -44,6 +44,8 @@ pub struct Config {
     pub encryption_keys: Option<Secret>,
     /// Receptive agents (URL configurations) on or off.
     pub receptive_agents: bool,
+    /// How the dialer behaves (timeouts, heartbeats, backoff).
+    pub dialer: crate::dialer::DialerSettings,
 }
 
 impl std::fmt::Debug for Config {
@@ -95,6 +97,7 @@ impl Config {
             log_format: LogFormat::Text,
             encryption_keys: None,
             receptive_agents: true,
+            dialer: crate::dialer::DialerSettings::default(),
         }
     }
 }
@@ -282,6 +285,7 @@ impl ConfigArgs {
                 .receptive_agents
                 .or(file.receptive_agents)
                 .unwrap_or(true),
+            dialer: crate::dialer::DialerSettings::default(),
         })
     }
 }

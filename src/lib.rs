@@ -1,10 +1,13 @@
 //! kas-gateway: the GitLab side of receptive Kubernetes agents, as a standalone service.
 
+pub mod agent_sim;
 pub mod certs;
 pub mod clock;
 pub mod config;
 pub mod crypto;
+pub mod dialer;
 pub mod domain;
+pub mod proto;
 pub mod rest;
 pub mod server;
 pub mod store;

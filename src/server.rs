@@ -161,10 +161,21 @@ pub async fn start(
     let router = rest::router(app);
     tracing::info!(%addr, %external_url, "listening");
 
+    let dialer = config.receptive_agents.then(|| {
+        crate::dialer::spawn(
+            service.clone(),
+            config.dialer.clone(),
+            shutdown.child_token(),
+        )
+    });
     let task = tokio::spawn(async move {
         let served = axum::serve(listener, router)
             .with_graceful_shutdown(shutdown.cancelled_owned())
             .await;
+        // Sessions are hung up before the database closes.
+        if let Some(dialer) = dialer {
+            let _ = dialer.await;
+        }
         store.close().await;
         tracing::info!("stopped");
         served.context("serving HTTP")

@@ -8,6 +8,7 @@ use ring::rand::{SecureRandom, SystemRandom};
 use crate::domain::{Error, Result};
 
 pub mod envelope;
+pub mod jwt;
 pub mod keys;
 pub mod x509;
 

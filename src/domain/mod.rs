@@ -8,6 +8,6 @@ pub mod validate;
 pub use error::{Error, Missing, ParamProblem, Reply, Result};
 pub use model::*;
 pub use service::{
-    AGENT_TOKEN_LIMIT, Caller, DialCredentials, Intent, MAX_PEM_LEN, MAX_URL_LEN, NewProjectInput,
-    NewTokenInput, NewUserInput, Service, Settings, UrlConfigurationInput,
+    AGENT_TOKEN_LIMIT, AgentRefusal, Caller, DialCredentials, Intent, MAX_PEM_LEN, MAX_URL_LEN,
+    NewProjectInput, NewTokenInput, NewUserInput, Service, Settings, UrlConfigurationInput,
 };

@@ -8,10 +8,13 @@ use time::Date;
 use super::error::{Error, Missing, ParamProblem, Result};
 use super::model::*;
 use super::validate;
+use tokio::sync::Notify;
+
 use crate::clock::SharedClock;
 use crate::crypto::envelope::Place;
 use crate::crypto::keys::Secrets;
 use crate::crypto::{self, Secret, TokenDigest, x509};
+use crate::dialer::state::{Connection, Registry};
 use crate::store::{
     MemberRemoved, NewAgentToken, NewPersonalToken, NewProject, NewUrlConfiguration, NewUser,
     SharedStore, TokenCreated,
@@ -155,6 +158,25 @@ pub const MAX_PEM_LEN: usize = 64 * 1024;
 /// Largest accepted URL, in characters.
 pub const MAX_URL_LEN: usize = 2048;
 
+/// Why the gateway refuses an agent's token.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AgentRefusal {
+    /// Unknown or revoked.
+    InvalidToken,
+    /// The token belongs to another agent.
+    WrongAgent,
+}
+
+impl AgentRefusal {
+    /// The message the agent and the operator see.
+    pub const fn message(&self) -> &'static str {
+        match self {
+            Self::InvalidToken => "the agent token is unknown or revoked",
+            Self::WrongAgent => "provided agent token belongs to a different agent id",
+        }
+    }
+}
+
 /// The domain service every transport calls.
 #[derive(Clone)]
 pub struct Service {
@@ -163,6 +185,8 @@ pub struct Service {
     rng: Arc<SystemRandom>,
     secrets: Arc<Secrets>,
     settings: Settings,
+    connections: Arc<Registry>,
+    changed: Arc<Notify>,
 }
 
 impl std::fmt::Debug for Service {
@@ -187,7 +211,76 @@ impl Service {
             rng: Arc::new(crypto::system_random()),
             secrets,
             settings,
+            connections: Arc::new(Registry::new(replica_name())),
+            changed: Arc::new(Notify::new()),
         }
+    }
+
+    /// The connection states of the agents this replica dials.
+    pub fn connections(&self) -> &Arc<Registry> {
+        &self.connections
+    }
+
+    /// Woken whenever something the dialer depends on changed (configurations, agents,
+    /// tokens).
+    pub fn changes(&self) -> &Arc<Notify> {
+        &self.changed
+    }
+
+    fn changed(&self) {
+        self.changed.notify_one();
+    }
+
+    /// Every URL configuration: what the dialer should keep connected.
+    pub async fn desired_sessions(&self) -> Result<Vec<UrlConfiguration>> {
+        self.store.all_url_configurations().await
+    }
+
+    /// Checks the token an agent presents after the gateway dialled `agent_id`; success
+    /// records its use (at most one write a minute).
+    pub async fn authenticate_agent(
+        &self,
+        agent_id: Id,
+        token: &str,
+    ) -> Result<std::result::Result<AgentToken, AgentRefusal>> {
+        let found = self
+            .store
+            .agent_token_by_digest(&TokenDigest::of(token))
+            .await?;
+        let token = match found {
+            Some(token) if token.status == TokenStatus::Active => token,
+            _ => return Ok(Err(AgentRefusal::InvalidToken)),
+        };
+        if token.agent_id != agent_id {
+            return Ok(Err(AgentRefusal::WrongAgent));
+        }
+        self.store.touch_agent_token(token.id, self.now()).await?;
+        Ok(Ok(token))
+    }
+
+    /// Whether an agent token can still authenticate its agent.
+    pub async fn agent_token_active(&self, agent_id: Id, token_id: Id) -> Result<bool> {
+        Ok(self.store.agent_token(agent_id, token_id).await?.is_some())
+    }
+
+    /// An agent's connection state (Developer); 404 when it has no URL configuration.
+    pub async fn connection(
+        &self,
+        caller: &Caller,
+        project: &ProjectRef,
+        agent_id: Id,
+    ) -> Result<(UrlConfiguration, Option<Connection>)> {
+        let agent = self
+            .agent_for_url_configurations(caller, project, agent_id, AccessLevel::Developer)
+            .await?;
+        let config = self
+            .store
+            .url_configurations(agent.id)
+            .await?
+            .into_iter()
+            .next()
+            .ok_or(Error::NotFound(Missing::Resource))?;
+        Ok((config, self.connections.get(agent.id)))
     }
 
     /// The store underneath (for health checks and shutdown).
@@ -654,7 +747,9 @@ impl Service {
             .await?;
         self.store
             .delete_agent(project.id, agent_id, unmodified_since)
-            .await
+            .await?;
+        self.changed();
+        Ok(())
     }
 
     // ---- agent tokens ---------------------------------------------------------------
@@ -757,6 +852,7 @@ impl Service {
             .agent_with_role(caller, project, agent_id, AccessLevel::Maintainer)
             .await?;
         if self.store.revoke_agent_token(agent.id, token_id).await? {
+            self.changed();
             Ok(())
         } else {
             Err(Error::NotFound(Missing::Record))
@@ -868,12 +964,16 @@ impl Service {
                 &seal,
             )
             .await;
-        match created {
+        let created = match created {
             Err(Error::Conflict) => Err(Error::BadRequest(
                 "URL configuration already exists for this agent".into(),
             )),
             other => other,
+        };
+        if created.is_ok() {
+            self.changed();
         }
+        created
     }
 
     /// Deletes a URL configuration (Maintainer).
@@ -888,6 +988,7 @@ impl Service {
             .agent_for_url_configurations(caller, project, agent_id, AccessLevel::Maintainer)
             .await?;
         if self.store.delete_url_configuration(agent.id, id).await? {
+            self.changed();
             Ok(())
         } else {
             Err(Error::NotFound(Missing::Resource))
@@ -1075,6 +1176,15 @@ fn check_url_configuration(
         ca_cert,
         tls_host,
     })
+}
+
+/// This replica's name: the host name, else a placeholder.
+fn replica_name() -> String {
+    std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "kas-gateway".to_owned())
 }
 
 fn require_admin(caller: &Caller) -> Result<()> {

@@ -94,6 +94,7 @@ fn api() -> (Router<App>, utoipa::openapi::OpenApi) {
             url_configurations::create
         ))
         .routes(routes!(url_configurations::get, url_configurations::delete))
+        .routes(routes!(url_configurations::connection))
         .routes(routes!(users::current_user))
         .routes(routes!(users::create_user))
         .routes(routes!(users::get_user))

@@ -4,6 +4,7 @@ use serde::Serialize;
 use utoipa::ToSchema;
 
 use crate::crypto::Secret;
+use crate::dialer::state::{Connection, Phase};
 use crate::domain::{
     Agent, AgentToken, Id, Member, PersonalAccessToken, Project, UrlConfiguration, User,
     format_date,
@@ -422,6 +423,85 @@ impl From<&UrlConfiguration> for UrlConfigurationJson {
             client_cert: config.client_cert.clone(),
             ca_cert: config.ca_cert.clone(),
             tls_host: config.tls_host.clone(),
+        }
+    }
+}
+
+/// What the dialer says about an agent's connection.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ConnectionJson {
+    /// The agent.
+    pub agent_id: Id,
+    /// Its URL configuration.
+    pub url_configuration_id: Id,
+    /// The dialled URL.
+    pub url: String,
+    /// `connecting`, `connected`, `backing_off` or `failed`.
+    pub state: String,
+    /// The last error, in plain words.
+    pub last_error: Option<String>,
+    /// When the last attempt started.
+    pub last_attempt_at: Option<String>,
+    /// When the current session came up.
+    pub connected_since: Option<String>,
+    /// When the last error happened.
+    pub last_error_at: Option<String>,
+    /// What the agent said about itself once connected.
+    pub agent: Option<AgentMetadataJson>,
+    /// The gateway replica that dials the agent.
+    pub replica: Option<String>,
+}
+
+/// The agent's own metadata.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AgentMetadataJson {
+    /// Version.
+    pub version: String,
+    /// Commit.
+    pub commit: String,
+    /// Pod namespace.
+    pub pod_namespace: String,
+    /// Pod name.
+    pub pod_name: String,
+    /// Kubernetes version.
+    pub kubernetes_version: String,
+}
+
+impl ConnectionJson {
+    /// Renders a connection; a configuration no replica tracks yet is `connecting`.
+    pub fn new(config: &UrlConfiguration, connection: Option<&Connection>) -> Self {
+        let time = |t: Option<crate::domain::Timestamp>| t.map(|t| t.to_iso8601());
+        match connection {
+            None => Self {
+                agent_id: config.agent_id,
+                url_configuration_id: config.id,
+                url: config.url.clone(),
+                state: Phase::Connecting.as_str().to_owned(),
+                last_error: None,
+                last_attempt_at: None,
+                connected_since: None,
+                last_error_at: None,
+                agent: None,
+                replica: None,
+            },
+            Some(c) => Self {
+                agent_id: c.agent_id,
+                url_configuration_id: c.url_configuration_id,
+                url: c.url.clone(),
+                state: c.phase.as_str().to_owned(),
+                last_error: c.last_error.clone(),
+                last_attempt_at: time(c.last_attempt_at),
+                connected_since: time(c.connected_since),
+                last_error_at: time(c.last_error_at),
+                agent: c.metadata.as_ref().map(|m| AgentMetadataJson {
+                    version: m.version.clone(),
+                    commit: m.commit.clone(),
+                    pod_namespace: m.pod_namespace.clone(),
+                    pod_name: m.pod_name.clone(),
+                    kubernetes_version: m.kubernetes_version.clone(),
+                }),
+                replica: Some(c.replica.clone()),
+            },
         }
     }
 }

@@ -7,7 +7,7 @@ use http::StatusCode;
 
 use super::App;
 use super::extract::{Params, PathArgs};
-use super::repr::{ErrorJson, UrlConfigurationJson};
+use super::repr::{ConnectionJson, ErrorJson, UrlConfigurationJson};
 use crate::domain::{Caller, Result, UrlConfigurationInput};
 
 /// Lists an agent's URL configurations (Developer); not paginated.
@@ -151,4 +151,32 @@ pub async fn delete(State(app): State<App>, caller: Caller, path: PathArgs) -> R
         .delete_url_configuration(&caller, &path.project(), agent_id, id)
         .await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// The state of the gateway's session with the agent (Developer); 404 when the agent has no
+/// URL configuration.
+#[utoipa::path(
+    get, path = "/api/v4/projects/{id}/cluster_agents/{agent_id}/connection", tag = "url_configurations",
+    params(
+        ("id" = String, Path, description = "ID or URL-encoded path of the project"),
+        ("agent_id" = i64, Path, description = "ID of the agent"),
+    ),
+    responses(
+        (status = 200, body = ConnectionJson),
+        (status = 400, body = ErrorJson), (status = 401, body = ErrorJson),
+        (status = 403, body = ErrorJson), (status = 404, body = ErrorJson),
+    ),
+    security(("private_token" = []))
+)]
+pub async fn connection(
+    State(app): State<App>,
+    caller: Caller,
+    path: PathArgs,
+) -> Result<Json<ConnectionJson>> {
+    let agent_id = path.id("agent_id")?;
+    let (config, connection) = app
+        .service
+        .connection(&caller, &path.project(), agent_id)
+        .await?;
+    Ok(Json(ConnectionJson::new(&config, connection.as_ref())))
 }

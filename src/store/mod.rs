@@ -258,6 +258,13 @@ pub trait Store: Send + Sync + 'static {
     async fn delete_url_configuration(&self, agent_id: Id, id: Id) -> Result<bool>;
     /// The sealed secret of a URL configuration.
     async fn url_configuration_secret(&self, id: Id) -> Result<Option<SealedSecret>>;
+    /// Every URL configuration, for the dialer.
+    async fn all_url_configurations(&self) -> Result<Vec<UrlConfiguration>>;
+    /// The agent token with this digest, whatever its status.
+    async fn agent_token_by_digest(&self, digest: &TokenDigest) -> Result<Option<AgentToken>>;
+    /// Records that a token authenticated an agent at `at`, unless it did so within the
+    /// last minute (one write per token per minute at most).
+    async fn touch_agent_token(&self, token_id: Id, at: Timestamp) -> Result<()>;
     /// Every sealed secret, for re-encryption.
     async fn sealed_secrets(&self) -> Result<Vec<SealedSecret>>;
     /// Replaces a sealed secret if it is still `old`; false when it changed or went away.

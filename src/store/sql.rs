@@ -1073,6 +1073,42 @@ macro_rules! sql_store {
                 Ok(row.and_then(|row| row.into_secrets().next()))
             }
 
+            async fn all_url_configurations(&self) -> Result<Vec<UrlConfiguration>> {
+                let rows: Vec<UrlConfigurationRow> =
+                    sqlx::query_as(concat!(url_configuration_select!(), "ORDER BY id"))
+                        .fetch_all(&self.pool)
+                        .await
+                        .map_err(map_sqlx)?;
+                Ok(rows.into_iter().map(UrlConfiguration::from).collect())
+            }
+
+            async fn agent_token_by_digest(
+                &self,
+                digest: &TokenDigest,
+            ) -> Result<Option<AgentToken>> {
+                let row: Option<TokenRow> =
+                    sqlx::query_as(concat!(token_select!(), "WHERE token_digest = $1"))
+                        .bind(digest_bytes(digest))
+                        .fetch_optional(&self.pool)
+                        .await
+                        .map_err(map_sqlx)?;
+                row.map(AgentToken::try_from).transpose()
+            }
+
+            async fn touch_agent_token(&self, token_id: Id, at: Timestamp) -> Result<()> {
+                sqlx::query(
+                    "UPDATE cluster_agent_tokens SET last_used_at = $2 \
+                     WHERE id = $1 AND (last_used_at IS NULL OR last_used_at <= $3)",
+                )
+                .bind(token_id)
+                .bind(at.as_millis())
+                .bind(at.as_millis() - 60_000)
+                .execute(&self.pool)
+                .await
+                .map_err(map_sqlx)?;
+                Ok(())
+            }
+
             async fn sealed_secrets(&self) -> Result<Vec<SealedSecret>> {
                 let rows: Vec<SealedRow> = sqlx::query_as(
                     "SELECT id, private_key, client_key FROM agent_url_configurations ORDER BY id",

@@ -1,0 +1,339 @@
+//! Dialling an agent: DNS, TCP, TLS (rustls, ring) or cleartext HTTP/2, and errors in words
+//! a person can act on.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::{AlertDescription, CertificateError, ClientConfig, RootCertStore};
+use rustls_pki_types::pem::PemObject;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+
+/// Why an attempt failed, worded for the operator.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct DialError {
+    /// What happened, in plain words.
+    pub message: String,
+    /// Whether retrying cannot help until the configuration changes.
+    pub permanent: bool,
+}
+
+impl DialError {
+    /// An error worth retrying.
+    pub fn transient(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            permanent: false,
+        }
+    }
+
+    /// An error in the configuration itself.
+    pub fn permanent(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            permanent: true,
+        }
+    }
+}
+
+/// Where and how to dial.
+#[derive(Clone, Debug)]
+pub struct Target {
+    /// Host of the URL.
+    pub host: String,
+    /// Port of the URL (443 for grpcs, 80 for grpc by default).
+    pub port: u16,
+    /// `grpcs://`.
+    pub tls: bool,
+    /// The name to verify: `tls_host`, else the host.
+    pub server_name: String,
+}
+
+impl Target {
+    /// Reads a `grpc://` or `grpcs://` URL.
+    pub fn parse(url: &str, tls_host: Option<&str>) -> Result<Self, DialError> {
+        let parsed = url::Url::parse(url)
+            .map_err(|_| DialError::permanent(format!("{url} is not a valid URL")))?;
+        let tls = match parsed.scheme() {
+            "grpcs" => true,
+            "grpc" => false,
+            other => {
+                return Err(DialError::permanent(format!(
+                    "unsupported scheme {other}://"
+                )));
+            }
+        };
+        let host = parsed
+            .host_str()
+            .filter(|h| !h.is_empty())
+            .ok_or_else(|| DialError::permanent(format!("{url} has no host")))?
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned();
+        let port = parsed.port().unwrap_or(if tls { 443 } else { 80 });
+        Ok(Self {
+            server_name: tls_host.unwrap_or(&host).to_owned(),
+            host,
+            port,
+            tls,
+        })
+    }
+}
+
+/// A connected byte stream, TLS or not.
+pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+/// Wraps a stream and keeps the first TLS error seen on it: with TLS 1.3 an agent rejects a
+/// client certificate only after the handshake, so the alert surfaces in the HTTP/2 layer,
+/// which does not say why.
+pub struct Recording<T> {
+    inner: T,
+    seen: Arc<std::sync::Mutex<Option<rustls::Error>>>,
+}
+
+impl<T> Recording<T> {
+    /// Wraps `inner`; `seen` receives the first TLS error.
+    pub fn new(inner: T, seen: Arc<std::sync::Mutex<Option<rustls::Error>>>) -> Self {
+        Self { inner, seen }
+    }
+
+    fn record<R>(
+        &self,
+        result: std::task::Poll<std::io::Result<R>>,
+    ) -> std::task::Poll<std::io::Result<R>> {
+        if let std::task::Poll::Ready(Err(error)) = &result
+            && let Some(tls) = error
+                .get_ref()
+                .and_then(|e| e.downcast_ref::<rustls::Error>())
+            && let Ok(mut seen) = self.seen.lock()
+            && seen.is_none()
+        {
+            *seen = Some(tls.clone());
+        }
+        result
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Recording<T> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let result = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        self.record(result)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Recording<T> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let result = std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.record(result)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let result = std::pin::Pin::new(&mut self.inner).poll_flush(cx);
+        self.record(result)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let result = std::pin::Pin::new(&mut self.inner).poll_shutdown(cx);
+        self.record(result)
+    }
+}
+
+/// The TLS client configuration of a URL configuration: `ca_cert` as the only trust root when
+/// given (else the platform's roots), the client certificate for mTLS, ALPN `h2`.
+pub fn tls_config(
+    ca_cert: Option<&str>,
+    client: Option<(&str, &[u8])>,
+) -> Result<Arc<ClientConfig>, DialError> {
+    let mut roots = RootCertStore::empty();
+    match ca_cert {
+        Some(pem) => {
+            for cert in CertificateDer::pem_slice_iter(pem.as_bytes()) {
+                let cert =
+                    cert.map_err(|_| DialError::permanent("the CA certificate does not parse"))?;
+                roots.add(cert).map_err(|e| {
+                    DialError::permanent(format!("the CA certificate is unusable: {e}"))
+                })?;
+            }
+        }
+        None => {
+            let native = rustls_native_certs::load_native_certs();
+            roots.add_parsable_certificates(native.certs);
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| DialError::permanent(format!("TLS set-up failed: {e}")))?
+        .with_root_certificates(roots);
+    let mut config = match client {
+        None => builder.with_no_client_auth(),
+        Some((cert_pem, key_pem)) => {
+            let chain: Vec<CertificateDer<'static>> =
+                CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+                    .collect::<Result<_, _>>()
+                    .map_err(|_| DialError::permanent("the client certificate does not parse"))?;
+            let key = PrivateKeyDer::from_pem_slice(key_pem)
+                .map_err(|_| DialError::permanent("the client key does not parse"))?;
+            builder.with_client_auth_cert(chain, key).map_err(|e| {
+                DialError::permanent(format!("the client certificate is unusable: {e}"))
+            })?
+        }
+    };
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// Resolves, connects (TCP, no delay) and, for `grpcs://`, completes the TLS handshake.
+pub async fn connect(
+    target: &Target,
+    tls: Option<Arc<ClientConfig>>,
+    timeout: Duration,
+) -> Result<Box<dyn Io>, DialError> {
+    let attempt = async {
+        let addrs: Vec<SocketAddr> = tokio::net::lookup_host((target.host.as_str(), target.port))
+            .await
+            .map_err(|_| DialError::transient(format!("DNS lookup of {} failed", target.host)))?
+            .collect();
+        let mut last =
+            DialError::transient(format!("DNS lookup of {} found no address", target.host));
+        let mut stream = None;
+        for addr in addrs {
+            match TcpStream::connect(addr).await {
+                Ok(s) => {
+                    stream = Some(s);
+                    break;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                    last = DialError::transient(format!("connection refused by {addr}"));
+                }
+                Err(e) => last = DialError::transient(format!("cannot connect to {addr}: {e}")),
+            }
+        }
+        let stream = stream.ok_or(last)?;
+        let _ = stream.set_nodelay(true);
+        let Some(config) = tls else {
+            return Ok(Box::new(stream) as Box<dyn Io>);
+        };
+        let name = ServerName::try_from(target.server_name.clone()).map_err(|_| {
+            DialError::permanent(format!(
+                "{} is not a valid TLS server name",
+                target.server_name
+            ))
+        })?;
+        let tls = TlsConnector::from(config)
+            .connect(name, stream)
+            .await
+            .map_err(|e| explain_io(&e, &target.server_name))?;
+        Ok(Box::new(tls) as Box<dyn Io>)
+    };
+    tokio::time::timeout(timeout, attempt).await.map_err(|_| {
+        DialError::transient(format!(
+            "connecting to {}:{} timed out",
+            target.host, target.port
+        ))
+    })?
+}
+
+/// Words for a TLS failure.
+pub fn explain_tls(error: &rustls::Error, server_name: &str) -> String {
+    match error {
+        rustls::Error::InvalidCertificate(
+            CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
+        ) => format!(
+            "TLS: the agent's certificate is not valid for the name {server_name} (check tls_host)"
+        ),
+        rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer) => {
+            "TLS: the agent's certificate is signed by an unknown CA (check ca_cert)".to_owned()
+        }
+        rustls::Error::InvalidCertificate(
+            CertificateError::Expired | CertificateError::ExpiredContext { .. },
+        ) => "TLS: the agent's certificate has expired".to_owned(),
+        rustls::Error::AlertReceived(
+            alert @ (AlertDescription::CertificateRequired
+            | AlertDescription::BadCertificate
+            | AlertDescription::UnknownCA
+            | AlertDescription::CertificateUnknown
+            | AlertDescription::AccessDenied
+            | AlertDescription::DecryptError),
+        ) => format!("TLS: the agent rejected the client certificate ({alert:?})"),
+        rustls::Error::NoApplicationProtocol => {
+            "TLS: the agent does not speak HTTP/2 (ALPN h2)".to_owned()
+        }
+        other => format!("TLS handshake failed: {other}"),
+    }
+}
+
+/// Words for an I/O error that may carry a TLS error.
+pub fn explain_io(error: &std::io::Error, server_name: &str) -> DialError {
+    match error
+        .get_ref()
+        .and_then(|e| e.downcast_ref::<rustls::Error>())
+    {
+        Some(tls) => DialError::transient(explain_tls(tls, server_name)),
+        None => DialError::transient(format!("connection failed: {error}")),
+    }
+}
+
+/// Words for anything in an error's source chain: a TLS error, else the I/O error, else
+/// the error itself.
+pub fn explain_chain(
+    error: &(dyn std::error::Error + 'static),
+    server_name: &str,
+) -> Option<String> {
+    let mut current = Some(error);
+    while let Some(e) = current {
+        if let Some(tls) = e.downcast_ref::<rustls::Error>() {
+            return Some(explain_tls(tls, server_name));
+        }
+        if let Some(io) = e.downcast_ref::<std::io::Error>()
+            && let Some(tls) = io
+                .get_ref()
+                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        {
+            return Some(explain_tls(tls, server_name));
+        }
+        current = e.source();
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets() {
+        let t = Target::parse("grpcs://agent.example.com:4242", None).unwrap();
+        assert_eq!(
+            (t.host.as_str(), t.port, t.tls, t.server_name.as_str()),
+            ("agent.example.com", 4242, true, "agent.example.com")
+        );
+        let t = Target::parse("grpc://10.0.0.1", Some("agent.internal")).unwrap();
+        assert_eq!(
+            (t.port, t.tls, t.server_name.as_str()),
+            (80, false, "agent.internal")
+        );
+        let t = Target::parse("grpcs://[::1]:5", None).unwrap();
+        assert_eq!(t.host, "::1");
+        assert!(Target::parse("http://x", None).unwrap_err().permanent);
+    }
+}

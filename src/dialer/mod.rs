@@ -1,0 +1,288 @@
+//! The dialer: keeps one authenticated session open to every receptive agent this replica
+//! holds, reconnects with backoff, and reports each agent's state.
+//!
+//! Its interface towards the rest is small: the service says which configurations should be
+//! connected (and wakes it on changes); the [`state::Registry`] says how each one is doing.
+
+pub mod connect;
+pub mod session;
+pub mod state;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use ring::rand::SecureRandom;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::domain::{Id, Service, UrlConfiguration};
+use session::SessionRequest;
+use state::Phase;
+
+/// Exponential backoff with jitter (grpc-go's defaults, as GitLab's KAS uses them).
+#[derive(Clone, Copy, Debug)]
+pub struct Backoff {
+    /// First delay.
+    pub base: Duration,
+    /// Growth per attempt.
+    pub factor: f64,
+    /// ± this fraction of randomness.
+    pub jitter: f64,
+    /// Longest delay.
+    pub max: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self {
+            base: Duration::from_secs(1),
+            factor: 1.6,
+            jitter: 0.2,
+            max: Duration::from_secs(120),
+        }
+    }
+}
+
+impl Backoff {
+    /// The delay before retry number `attempt` (0-based), with `random` in [-1, 1].
+    pub fn delay(&self, attempt: u32, random: f64) -> Duration {
+        let exponent = i32::try_from(attempt.min(64)).unwrap_or(64);
+        let raw = self.base.as_secs_f64() * self.factor.powi(exponent);
+        let capped = raw.min(self.max.as_secs_f64());
+        let jittered = capped * (1.0 + self.jitter * random.clamp(-1.0, 1.0));
+        Duration::from_secs_f64(jittered.max(0.0))
+    }
+}
+
+/// How the dialer behaves.
+#[derive(Clone, Debug)]
+pub struct DialerSettings {
+    /// Time for DNS, TCP and TLS together.
+    pub connect_timeout: Duration,
+    /// Time for the agent's hello.
+    pub hello_timeout: Duration,
+    /// Gateway pings this often.
+    pub heartbeat_interval: Duration,
+    /// The session ends after this many intervals without a reply.
+    pub heartbeat_misses: u32,
+    /// HTTP/2 keepalive ping interval.
+    pub keepalive: Duration,
+    /// HTTP/2 keepalive timeout.
+    pub keepalive_timeout: Duration,
+    /// Full resynchronisation with the store, whatever happened.
+    pub resync_interval: Duration,
+    /// Reconnect delays.
+    pub backoff: Backoff,
+    /// A session up this long resets the backoff.
+    pub backoff_reset_after: Duration,
+}
+
+impl Default for DialerSettings {
+    fn default() -> Self {
+        Self {
+            connect_timeout: Duration::from_secs(10),
+            hello_timeout: Duration::from_secs(10),
+            heartbeat_interval: Duration::from_secs(15),
+            heartbeat_misses: 3,
+            keepalive: Duration::from_secs(55),
+            keepalive_timeout: Duration::from_secs(20),
+            resync_interval: Duration::from_secs(300),
+            backoff: Backoff::default(),
+            backoff_reset_after: Duration::from_secs(60),
+        }
+    }
+}
+
+struct Running {
+    config: UrlConfiguration,
+    cancel: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+/// Starts the dialer; it stops when `shutdown` is cancelled, hanging up every session.
+pub fn spawn(
+    service: Service,
+    settings: DialerSettings,
+    shutdown: CancellationToken,
+) -> JoinHandle<()> {
+    tokio::spawn(reconcile_loop(service, settings, shutdown))
+}
+
+async fn reconcile_loop(service: Service, settings: DialerSettings, shutdown: CancellationToken) {
+    let mut running: HashMap<Id, Running> = HashMap::new();
+    let changes = std::sync::Arc::clone(service.changes());
+    loop {
+        if let Err(error) = reconcile(&service, &settings, &shutdown, &mut running).await {
+            tracing::warn!(%error, "the dialer could not read the configurations; retrying");
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            () = changes.notified() => {}
+            () = tokio::time::sleep(settings.resync_interval) => {}
+        }
+    }
+    for (agent_id, session) in running.drain() {
+        session.cancel.cancel();
+        let _ = session.task.await;
+        service.connections().forget(agent_id);
+    }
+}
+
+/// Brings the running sessions in line with the store: starts what is new, hangs up what
+/// went away or changed, and redials sessions whose agent token was revoked.
+async fn reconcile(
+    service: &Service,
+    settings: &DialerSettings,
+    shutdown: &CancellationToken,
+    running: &mut HashMap<Id, Running>,
+) -> crate::domain::Result<()> {
+    let desired: HashMap<Id, UrlConfiguration> = service
+        .desired_sessions()
+        .await?
+        .into_iter()
+        .map(|c| (c.agent_id, c))
+        .collect();
+    let mut stop = Vec::new();
+    for (agent_id, session) in running.iter() {
+        match desired.get(agent_id) {
+            Some(config) if *config == session.config && !session.task.is_finished() => {
+                let token = service
+                    .connections()
+                    .get(*agent_id)
+                    .and_then(|c| c.token_id);
+                if let Some(token_id) = token
+                    && !service.agent_token_active(*agent_id, token_id).await?
+                {
+                    tracing::info!(
+                        agent_id,
+                        token_id,
+                        "the agent's token was revoked: hanging up"
+                    );
+                    stop.push(*agent_id);
+                }
+            }
+            _ => stop.push(*agent_id),
+        }
+    }
+    for agent_id in stop {
+        if let Some(session) = running.remove(&agent_id) {
+            session.cancel.cancel();
+            let _ = session.task.await;
+            service.connections().forget(agent_id);
+        }
+    }
+    for (agent_id, config) in desired {
+        if running.contains_key(&agent_id) {
+            continue;
+        }
+        let cancel = shutdown.child_token();
+        let (requests, requests_rx) = mpsc::channel(16);
+        service
+            .connections()
+            .track(agent_id, config.id, &config.url, requests);
+        let task = tokio::spawn(keep_connected(
+            service.clone(),
+            config.clone(),
+            settings.clone(),
+            requests_rx,
+            cancel.clone(),
+        ));
+        running.insert(
+            agent_id,
+            Running {
+                config,
+                cancel,
+                task,
+            },
+        );
+    }
+    Ok(())
+}
+
+/// Dials an agent again and again, with backoff, until cancelled.
+async fn keep_connected(
+    service: Service,
+    config: UrlConfiguration,
+    settings: DialerSettings,
+    mut requests: mpsc::Receiver<SessionRequest>,
+    cancel: CancellationToken,
+) {
+    let rng = ring::rand::SystemRandom::new();
+    let mut attempt: u32 = 0;
+    loop {
+        let now = service.now();
+        service.connections().update(config.agent_id, |c| {
+            c.phase = Phase::Connecting;
+            c.last_attempt_at = Some(now);
+            c.connected_since = None;
+        });
+        let outcome = session::run(&service, &config, &settings, &mut requests, &cancel).await;
+        if cancel.is_cancelled() {
+            return;
+        }
+        let error = match outcome {
+            Ok(ended) => {
+                if ended.up_for >= settings.backoff_reset_after {
+                    attempt = 0;
+                }
+                ended
+                    .error
+                    .unwrap_or_else(|| connect::DialError::transient("the session ended"))
+            }
+            Err(error) => error,
+        };
+        let now = service.now();
+        let phase = session::phase_after(&error);
+        service.connections().update(config.agent_id, |c| {
+            c.phase = phase;
+            c.last_error = Some(error.message.clone());
+            c.last_error_at = Some(now);
+            c.connected_since = None;
+        });
+        if phase == Phase::Failed {
+            // Nothing changes until the configuration does; the reconciler restarts us then.
+            cancel.cancelled().await;
+            return;
+        }
+        let delay = settings.backoff.delay(attempt, random_unit(&rng));
+        attempt = attempt.saturating_add(1);
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
+fn random_unit(rng: &dyn SecureRandom) -> f64 {
+    let mut bytes = [0u8; 4];
+    if rng.fill(&mut bytes).is_err() {
+        return 0.0;
+    }
+    f64::from(u32::from_le_bytes(bytes)) / f64::from(u32::MAX) * 2.0 - 1.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_caps_and_jitters() {
+        let b = Backoff::default();
+        assert_eq!(b.delay(0, 0.0), Duration::from_secs(1));
+        assert_eq!(b.delay(1, 0.0), Duration::from_secs_f64(1.6));
+        assert_eq!(b.delay(2, 0.0), Duration::from_secs_f64(1.6 * 1.6));
+        assert_eq!(b.delay(30, 0.0), Duration::from_secs(120));
+        assert_eq!(b.delay(30, 1.0), Duration::from_secs(144));
+        assert_eq!(b.delay(0, -1.0), Duration::from_secs_f64(0.8));
+    }
+
+    #[test]
+    fn jitter_is_in_range() {
+        let rng = ring::rand::SystemRandom::new();
+        for _ in 0..1000 {
+            let r = random_unit(&rng);
+            assert!((-1.0..=1.0).contains(&r));
+        }
+    }
+}

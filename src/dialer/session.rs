@@ -1,0 +1,279 @@
+//! One attempt: dial, open the session, check the agent's token, keep heartbeats going until
+//! the session ends or is cancelled.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use hyper_util::rt::TokioIo;
+use ring::signature::Ed25519KeyPair;
+use tokio::sync::{mpsc, oneshot};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Endpoint;
+
+use super::DialerSettings;
+use super::connect::{self, DialError, Target};
+use super::state::{AgentMetadata, Phase};
+use crate::crypto::jwt;
+use crate::domain::{DialCredentials, Service, UrlConfiguration};
+use crate::proto::agent::v1 as pb;
+use crate::proto::agent::v1::receptive_agent_client::ReceptiveAgentClient;
+
+/// A request sent through a live session, with where its response goes.
+pub type SessionRequest = (pb::Request, oneshot::Sender<pb::Response>);
+
+/// How a session that was up ended.
+pub struct Ended {
+    /// Why, in words; `None` when the gateway hung up.
+    pub error: Option<DialError>,
+    /// How long it was up.
+    pub up_for: Duration,
+}
+
+/// Dials once and runs the session. `Err` when it never came up.
+pub async fn run(
+    service: &Service,
+    config: &UrlConfiguration,
+    settings: &DialerSettings,
+    requests: &mut mpsc::Receiver<SessionRequest>,
+    cancel: &CancellationToken,
+) -> Result<Ended, DialError> {
+    let target = Target::parse(&config.url, config.tls_host.as_deref())?;
+    let credentials = service.dial_credentials(config.id).await.map_err(|e| {
+        tracing::error!(agent_id = config.agent_id, error = %e, "cannot read the URL configuration's credentials");
+        DialError::permanent("the configuration's credentials cannot be decrypted")
+    })?;
+    let (tls, signer) = match &credentials {
+        DialCredentials::Jwt { pkcs8 } => {
+            let signer = Ed25519KeyPair::from_pkcs8_maybe_unchecked(pkcs8)
+                .map_err(|_| DialError::permanent("the configuration's private key is unusable"))?;
+            let tls = if target.tls {
+                Some(connect::tls_config(config.ca_cert.as_deref(), None)?)
+            } else {
+                None
+            };
+            (tls, Some(signer))
+        }
+        DialCredentials::Mtls { client_key } => {
+            let cert = config.client_cert.as_deref().ok_or_else(|| {
+                DialError::permanent("the configuration has no client certificate")
+            })?;
+            let tls = connect::tls_config(config.ca_cert.as_deref(), Some((cert, client_key)))?;
+            (Some(tls), None)
+        }
+    };
+    let io = connect::connect(&target, tls, settings.connect_timeout).await?;
+    let tls_error = Arc::new(std::sync::Mutex::new(None));
+    let io = connect::Recording::new(io, Arc::clone(&tls_error));
+    // Words for a failure: a TLS error seen on the wire says more than HTTP/2 can.
+    let explain_status =
+        |status: &tonic::Status| match tls_error.lock().ok().and_then(|e| e.clone()) {
+            Some(tls) => DialError::transient(connect::explain_tls(&tls, &target.server_name)),
+            None => explain_status(status, &target),
+        };
+
+    // Hand the connected stream to tonic, once.
+    let slot = Arc::new(std::sync::Mutex::new(Some(io)));
+    let endpoint = Endpoint::from_shared(format!("http://{}:{}", target.host, target.port))
+        .map_err(|e| DialError::permanent(format!("invalid endpoint: {e}")))?
+        .http2_keep_alive_interval(settings.keepalive)
+        .keep_alive_timeout(settings.keepalive_timeout)
+        .keep_alive_while_idle(true);
+    let channel = endpoint
+        .connect_with_connector(tower::service_fn(move |_| {
+            let io = slot.lock().ok().and_then(|mut s| s.take());
+            async move {
+                io.map(TokioIo::new)
+                    .ok_or_else(|| std::io::Error::other("the connection was already used"))
+            }
+        }))
+        .await
+        .map_err(|e| explain(&e, &target))?;
+
+    let (outbound, outbound_rx) = mpsc::channel::<pb::GatewayMessage>(16);
+    let mut request = tonic::Request::new(ReceiverStream::new(outbound_rx));
+    if let Some(signer) = &signer {
+        let token = jwt::sign(signer, &jwt::Claims::issued_at(service.now()))
+            .map_err(|e| DialError::permanent(format!("cannot sign the JWT: {e}")))?;
+        let value = format!("Bearer {token}")
+            .parse()
+            .map_err(|_| DialError::permanent("the JWT is not a valid header value"))?;
+        request.metadata_mut().insert("authorization", value);
+    }
+    let response = ReceptiveAgentClient::new(channel)
+        .session(request)
+        .await
+        .map_err(|status| explain_status(&status))?;
+    let mut inbound = response.into_inner();
+
+    // The agent's hello and its token.
+    let hello = tokio::time::timeout(settings.hello_timeout, inbound.message())
+        .await
+        .map_err(|_| DialError::transient("the agent sent no hello"))?
+        .map_err(|status| explain_status(&status))?;
+    let Some(pb::AgentMessage {
+        message: Some(pb::agent_message::Message::Hello(hello)),
+    }) = hello
+    else {
+        let _ = outbound
+            .send(refused(pb::refused::Code::Protocol, "expected a hello"))
+            .await;
+        return Err(DialError::transient("the agent did not start with a hello"));
+    };
+    let accepted = service
+        .authenticate_agent(config.agent_id, &hello.agent_token)
+        .await
+        .map_err(|e| DialError::transient(format!("cannot check the agent token: {e}")))?;
+    let token = match accepted {
+        Ok(token) => token,
+        Err(refusal) => {
+            let code = match refusal {
+                crate::domain::AgentRefusal::InvalidToken => pb::refused::Code::InvalidToken,
+                crate::domain::AgentRefusal::WrongAgent => pb::refused::Code::WrongAgent,
+            };
+            let _ = outbound.send(refused(code, refusal.message())).await;
+            // Let the agent read the refusal before the stream goes away.
+            drop(outbound);
+            let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                while let Ok(Some(_)) = inbound.message().await {}
+            })
+            .await;
+            return Err(DialError::transient(format!(
+                "agent token rejected: {}",
+                refusal.message()
+            )));
+        }
+    };
+    let accepted = pb::GatewayMessage {
+        message: Some(pb::gateway_message::Message::Accepted(pb::Accepted {
+            agent_id: config.agent_id,
+            gateway_version: env!("CARGO_PKG_VERSION").to_owned(),
+            heartbeat_interval_ms: u32::try_from(settings.heartbeat_interval.as_millis())
+                .unwrap_or(u32::MAX),
+        })),
+    };
+    outbound
+        .send(accepted)
+        .await
+        .map_err(|_| DialError::transient("the agent closed the session"))?;
+    let metadata = hello.metadata.unwrap_or_default();
+    let now = service.now();
+    service.connections().update(config.agent_id, |c| {
+        c.phase = Phase::Connected;
+        c.connected_since = Some(now);
+        c.last_error = None;
+        c.token_id = Some(token.id);
+        c.metadata = Some(AgentMetadata {
+            version: metadata.version,
+            commit: metadata.commit,
+            pod_namespace: metadata.pod_namespace,
+            pod_name: metadata.pod_name,
+            kubernetes_version: metadata.kubernetes_version,
+        });
+    });
+
+    // Heartbeats and requests until the session ends.
+    let up = Instant::now();
+    let nonce = AtomicU64::new(0);
+    let mut last_pong = Instant::now();
+    let mut heartbeat = tokio::time::interval(settings.heartbeat_interval);
+    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut pending: std::collections::HashMap<u64, oneshot::Sender<pb::Response>> =
+        std::collections::HashMap::new();
+    let mut next_request = 1u64;
+    let ended = |error: Option<DialError>| {
+        Ok(Ended {
+            error,
+            up_for: up.elapsed(),
+        })
+    };
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => return ended(None),
+            _ = heartbeat.tick() => {
+                if last_pong.elapsed() > settings.heartbeat_interval * settings.heartbeat_misses {
+                    return ended(Some(DialError::transient(format!(
+                        "no heartbeat reply within {} s",
+                        (settings.heartbeat_interval * settings.heartbeat_misses).as_secs()
+                    ))));
+                }
+                let ping = pb::GatewayMessage {
+                    message: Some(pb::gateway_message::Message::Ping(pb::Ping {
+                        nonce: nonce.fetch_add(1, Ordering::Relaxed),
+                    })),
+                };
+                if outbound.send(ping).await.is_err() {
+                    return ended(Some(DialError::transient("the session closed")));
+                }
+            }
+            Some((mut request, reply)) = requests.recv() => {
+                request.id = next_request;
+                next_request += 1;
+                pending.insert(request.id, reply);
+                let message = pb::GatewayMessage {
+                    message: Some(pb::gateway_message::Message::Request(request)),
+                };
+                if outbound.send(message).await.is_err() {
+                    return ended(Some(DialError::transient("the session closed")));
+                }
+            }
+            message = inbound.message() => match message {
+                Ok(Some(pb::AgentMessage { message: Some(pb::agent_message::Message::Pong(_)) })) => {
+                    last_pong = Instant::now();
+                }
+                Ok(Some(pb::AgentMessage { message: Some(pb::agent_message::Message::Response(response)) })) => {
+                    last_pong = Instant::now();
+                    if let Some(reply) = pending.remove(&response.id) {
+                        let _ = reply.send(response);
+                    }
+                }
+                Ok(Some(_)) => {}
+                Ok(None) => return ended(Some(DialError::transient("the agent closed the session"))),
+                Err(status) => return ended(Some(explain_status(&status))),
+            }
+        }
+    }
+}
+
+fn refused(code: pb::refused::Code, message: &str) -> pb::GatewayMessage {
+    pb::GatewayMessage {
+        message: Some(pb::gateway_message::Message::Refused(pb::Refused {
+            code: code.into(),
+            message: message.to_owned(),
+        })),
+    }
+}
+
+fn explain(error: &tonic::transport::Error, target: &Target) -> DialError {
+    DialError::transient(
+        connect::explain_chain(error, &target.server_name)
+            .unwrap_or_else(|| format!("cannot open HTTP/2 to the agent: {error}")),
+    )
+}
+
+fn explain_status(status: &tonic::Status, target: &Target) -> DialError {
+    if status.code() == tonic::Code::Unauthenticated {
+        return DialError::transient(format!(
+            "the agent rejected the gateway's credentials (JWT): {}",
+            status.message()
+        ));
+    }
+    if let Some(words) = connect::explain_chain(status, &target.server_name) {
+        return DialError::transient(words);
+    }
+    DialError::transient(format!(
+        "the session failed: {} ({:?})",
+        status.message(),
+        status.code()
+    ))
+}
+
+/// Marks the phase after a failed attempt.
+pub fn phase_after(error: &DialError) -> Phase {
+    if error.permanent {
+        Phase::Failed
+    } else {
+        Phase::BackingOff
+    }
+}

@@ -1,0 +1,241 @@
+//! What the dialer knows about each agent's connection, for people and for the APIs.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use std::time::Duration;
+
+use tokio::sync::{broadcast, mpsc, oneshot};
+
+use super::session::SessionRequest;
+use crate::domain::{Id, Timestamp};
+use crate::proto::agent::v1 as pb;
+
+/// The phase of an agent's connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Phase {
+    /// Dialling, or waiting for the agent's hello.
+    Connecting,
+    /// A session is up and answers heartbeats.
+    Connected,
+    /// The last attempt failed; the next one waits for the backoff.
+    BackingOff,
+    /// The configuration itself cannot be used (for example its credentials cannot be
+    /// decrypted); no retry until it changes.
+    Failed,
+}
+
+impl Phase {
+    /// The phase's name on the wire.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Connecting => "connecting",
+            Self::Connected => "connected",
+            Self::BackingOff => "backing_off",
+            Self::Failed => "failed",
+        }
+    }
+}
+
+/// What the agent said about itself in its hello.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AgentMetadata {
+    /// Agent version.
+    pub version: String,
+    /// Agent commit.
+    pub commit: String,
+    /// Pod namespace.
+    pub pod_namespace: String,
+    /// Pod name.
+    pub pod_name: String,
+    /// Kubernetes version.
+    pub kubernetes_version: String,
+}
+
+/// One agent's connection state.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Connection {
+    /// The agent.
+    pub agent_id: Id,
+    /// Its URL configuration.
+    pub url_configuration_id: Id,
+    /// The dialled URL.
+    pub url: String,
+    /// Phase.
+    pub phase: Phase,
+    /// The last error, in words a person can act on.
+    pub last_error: Option<String>,
+    /// When the last attempt started.
+    pub last_attempt_at: Option<Timestamp>,
+    /// When the current session came up.
+    pub connected_since: Option<Timestamp>,
+    /// When the last error happened.
+    pub last_error_at: Option<Timestamp>,
+    /// The agent's metadata, once it said hello.
+    pub metadata: Option<AgentMetadata>,
+    /// The agent token the current session was accepted with.
+    pub token_id: Option<Id>,
+    /// The gateway replica that holds the agent.
+    pub replica: String,
+}
+
+/// Every connection this replica holds, with a feed of changes.
+#[derive(Debug)]
+pub struct Registry {
+    replica: String,
+    connections: Mutex<HashMap<Id, Connection>>,
+    sessions: Mutex<HashMap<Id, mpsc::Sender<SessionRequest>>>,
+    changes: broadcast::Sender<Connection>,
+}
+
+/// Why a request through a session did not get an answer.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum RequestError {
+    /// This replica has no session with the agent.
+    #[error("the agent is not connected")]
+    NotConnected,
+    /// The agent did not answer in time.
+    #[error("the agent did not answer in time")]
+    Timeout,
+    /// The session ended before the answer came.
+    #[error("the session ended")]
+    SessionEnded,
+}
+
+impl Registry {
+    /// An empty registry for replica `replica`.
+    pub fn new(replica: impl Into<String>) -> Self {
+        let (changes, _) = broadcast::channel(1024);
+        Self {
+            replica: replica.into(),
+            connections: Mutex::new(HashMap::new()),
+            sessions: Mutex::new(HashMap::new()),
+            changes,
+        }
+    }
+
+    /// This replica's name.
+    pub fn replica(&self) -> &str {
+        &self.replica
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&mut HashMap<Id, Connection>) -> T) -> T {
+        match self.connections.lock() {
+            Ok(mut guard) => f(&mut guard),
+            Err(poisoned) => f(&mut poisoned.into_inner()),
+        }
+    }
+
+    /// Starts tracking an agent (phase `connecting`); `requests` reaches its session.
+    pub fn track(
+        &self,
+        agent_id: Id,
+        url_configuration_id: Id,
+        url: &str,
+        requests: mpsc::Sender<SessionRequest>,
+    ) {
+        match self.sessions.lock() {
+            Ok(mut map) => map.insert(agent_id, requests),
+            Err(poisoned) => poisoned.into_inner().insert(agent_id, requests),
+        };
+        let connection = Connection {
+            agent_id,
+            url_configuration_id,
+            url: url.to_owned(),
+            phase: Phase::Connecting,
+            last_error: None,
+            last_attempt_at: None,
+            connected_since: None,
+            last_error_at: None,
+            metadata: None,
+            token_id: None,
+            replica: self.replica.clone(),
+        };
+        self.with(|map| map.insert(agent_id, connection.clone()));
+        let _ = self.changes.send(connection);
+    }
+
+    /// Changes an agent's connection; a phase change is logged.
+    pub fn update(&self, agent_id: Id, change: impl FnOnce(&mut Connection)) {
+        let updated = self.with(|map| {
+            let connection = map.get_mut(&agent_id)?;
+            let before = connection.phase;
+            change(connection);
+            Some((before, connection.clone()))
+        });
+        if let Some((before, connection)) = updated {
+            if before != connection.phase {
+                tracing::info!(
+                    agent_id,
+                    url = %connection.url,
+                    from = before.as_str(),
+                    to = connection.phase.as_str(),
+                    error = connection.last_error.as_deref().unwrap_or(""),
+                    "agent connection changed"
+                );
+            }
+            let _ = self.changes.send(connection);
+        }
+    }
+
+    /// Sends a request through the agent's live session and waits for its response.
+    pub async fn request(
+        &self,
+        agent_id: Id,
+        method: &str,
+        payload: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<pb::Response, RequestError> {
+        if self.get(agent_id).map(|c| c.phase) != Some(Phase::Connected) {
+            return Err(RequestError::NotConnected);
+        }
+        let sender = match self.sessions.lock() {
+            Ok(map) => map.get(&agent_id).cloned(),
+            Err(poisoned) => poisoned.into_inner().get(&agent_id).cloned(),
+        }
+        .ok_or(RequestError::NotConnected)?;
+        let (reply, answer) = oneshot::channel();
+        let request = pb::Request {
+            id: 0,
+            method: method.to_owned(),
+            payload,
+        };
+        sender
+            .send((request, reply))
+            .await
+            .map_err(|_| RequestError::SessionEnded)?;
+        match tokio::time::timeout(timeout, answer).await {
+            Err(_) => Err(RequestError::Timeout),
+            Ok(Err(_)) => Err(RequestError::SessionEnded),
+            Ok(Ok(response)) => Ok(response),
+        }
+    }
+
+    /// Stops tracking an agent.
+    pub fn forget(&self, agent_id: Id) {
+        match self.sessions.lock() {
+            Ok(mut map) => map.remove(&agent_id),
+            Err(poisoned) => poisoned.into_inner().remove(&agent_id),
+        };
+        if let Some(connection) = self.with(|map| map.remove(&agent_id)) {
+            tracing::info!(agent_id, url = %connection.url, "agent connection closed");
+        }
+    }
+
+    /// One agent's connection.
+    pub fn get(&self, agent_id: Id) -> Option<Connection> {
+        self.with(|map| map.get(&agent_id).cloned())
+    }
+
+    /// Every connection, by agent id.
+    pub fn all(&self) -> Vec<Connection> {
+        let mut all: Vec<Connection> = self.with(|map| map.values().cloned().collect());
+        all.sort_by_key(|c| c.agent_id);
+        all
+    }
+
+    /// A feed of every change from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<Connection> {
+        self.changes.subscribe()
+    }
+}

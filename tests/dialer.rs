@@ -1,0 +1,567 @@
+//! The dialer end to end: the real gateway dials simulated agents over loopback with real
+//! TLS (certificates made with rcgen here), JWT and mTLS.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{Backend, Gateway, ROOT_TOKEN, START};
+use kas_gateway::agent_sim::{AgentSim, AgentSimConfig, SimEvents};
+use kas_gateway::certs::{DevCa, Pair};
+use kas_gateway::proto::agent::v1 as pb;
+use rstest::rstest;
+use serde_json::{Value, json};
+use time::OffsetDateTime;
+use tokio::net::TcpListener;
+
+fn now() -> OffsetDateTime {
+    OffsetDateTime::from_unix_timestamp(START.as_secs()).unwrap()
+}
+
+struct Pki {
+    ca: DevCa,
+    server: Pair,
+}
+
+fn pki() -> Pki {
+    let ca = DevCa::new("agents CA", now()).unwrap();
+    let server = ca.server(&["localhost", "127.0.0.1"], now()).unwrap();
+    Pki { ca, server }
+}
+
+async fn fast_gateway(backend: Backend) -> Option<Gateway> {
+    Gateway::start_with(backend, |config| {
+        config.dialer.backoff.base = Duration::from_millis(100);
+        config.dialer.backoff.max = Duration::from_millis(500);
+        config.dialer.heartbeat_interval = Duration::from_millis(200);
+        config.dialer.connect_timeout = Duration::from_secs(2);
+        config.dialer.hello_timeout = Duration::from_secs(2);
+    })
+    .await
+}
+
+/// A project, an agent and its token.
+async fn new_agent(gw: &Gateway, name: &str) -> (i64, i64, String) {
+    let project = match gw
+        .get(ROOT_TOKEN, "/api/v4/projects/root%2Fp")
+        .await
+        .status
+        .as_u16()
+    {
+        200 => gw.get(ROOT_TOKEN, "/api/v4/projects/root%2Fp").await.body["id"]
+            .as_i64()
+            .unwrap(),
+        _ => gw.project(ROOT_TOKEN, "p").await,
+    };
+    let agent = gw.agent(project, name).await;
+    let (_, token) = gw.agent_token(project, agent, "t").await;
+    (project, agent, token)
+}
+
+fn sim_config(gw: &Gateway, token: &str) -> AgentSimConfig {
+    AgentSimConfig {
+        token: token.to_owned(),
+        tls: None,
+        client_ca: None,
+        jwt_public_key: None,
+        metadata: pb::AgentMetadata {
+            version: "v17.6.0".into(),
+            commit: "abc123".into(),
+            pod_namespace: "gitlab-agent".into(),
+            pod_name: "agentk-0".into(),
+            kubernetes_version: "v1.31.0".into(),
+        },
+        clock: gw.clock.clone(),
+    }
+}
+
+async fn connection(gw: &Gateway, project: i64, agent: i64) -> Value {
+    let reply = gw
+        .get(
+            ROOT_TOKEN,
+            &format!("/api/v4/projects/{project}/cluster_agents/{agent}/connection"),
+        )
+        .await;
+    reply.expect_status(200).clone()
+}
+
+/// Polls the connection until `done`, for at most 15 s.
+async fn wait_for(gw: &Gateway, project: i64, agent: i64, done: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let state = connection(gw, project, agent).await;
+        if done(&state) {
+            return state;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "gave up waiting; last state {state}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn is(state: &'static str) -> impl Fn(&Value) -> bool {
+    move |v| v["state"] == state
+}
+
+fn error_contains(text: &'static str) -> impl Fn(&Value) -> bool {
+    move |v| v["last_error"].as_str().is_some_and(|e| e.contains(text))
+}
+
+async fn configure(gw: &Gateway, project: i64, agent: i64, body: Value) -> Value {
+    gw.post(
+        ROOT_TOKEN,
+        &format!("/api/v4/projects/{project}/cluster_agents/{agent}/url_configurations"),
+        body,
+    )
+    .await
+    .expect_status(201)
+    .clone()
+}
+
+#[rstest]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwt_over_grpcs(#[values(Backend::Sqlite, Backend::Postgres)] backend: Backend) {
+    let Some(gw) = fast_gateway(backend).await else {
+        return;
+    };
+    let pki = pki();
+    let (project, agent, token) = new_agent(&gw, "agent").await;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let config = configure(
+        &gw,
+        project,
+        agent,
+        json!({"url": format!("grpcs://localhost:{port}"), "ca_cert": pki.ca.pair().cert}),
+    )
+    .await;
+    let mut sim = sim_config(&gw, &token);
+    sim.tls = Some((pki.server.cert.clone(), pki.server.key.clone()));
+    sim.jwt_public_key = Some(config["public_key"].as_str().unwrap().to_owned());
+    let sim = AgentSim::start(sim, listener).unwrap();
+
+    let state = wait_for(&gw, project, agent, is("connected")).await;
+    assert_eq!(state["agent"]["pod_name"], "agentk-0");
+    assert_eq!(state["agent"]["version"], "v17.6.0");
+    assert_eq!(state["url"], format!("grpcs://localhost:{port}"));
+    assert_eq!(state["connected_since"], START.to_iso8601());
+    assert_eq!(state["last_error"], Value::Null);
+    assert!(SimEvents::read(&sim.events.jwt_rejections).is_empty());
+    // The token's use is recorded.
+    let tokens = gw
+        .get(
+            ROOT_TOKEN,
+            &format!("/api/v4/projects/{project}/cluster_agents/{agent}/tokens"),
+        )
+        .await;
+    let token_id = tokens.body[0]["id"].as_i64().unwrap();
+    let detail = gw
+        .get(
+            ROOT_TOKEN,
+            &format!("/api/v4/projects/{project}/cluster_agents/{agent}/tokens/{token_id}"),
+        )
+        .await;
+    assert_eq!(detail.body["last_used_at"], START.to_iso8601());
+    // Heartbeats flow.
+    let pongs = sim.events.pongs.load(std::sync::atomic::Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(sim.events.pongs.load(std::sync::atomic::Ordering::SeqCst) > pongs);
+    // A request through the live session.
+    let response = gw
+        .service()
+        .connections()
+        .request(agent, "ping", b"hello".to_vec(), Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(response.payload, b"hello");
+    sim.stop().await;
+}
+
+#[rstest]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwt_over_cleartext_grpc(#[values(Backend::Sqlite)] backend: Backend) {
+    let Some(gw) = fast_gateway(backend).await else {
+        return;
+    };
+    let (project, agent, token) = new_agent(&gw, "agent").await;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let config = configure(
+        &gw,
+        project,
+        agent,
+        json!({"url": format!("grpc://127.0.0.1:{port}")}),
+    )
+    .await;
+    let mut sim = sim_config(&gw, &token);
+    sim.jwt_public_key = Some(config["public_key"].as_str().unwrap().to_owned());
+    let sim = AgentSim::start(sim, listener).unwrap();
+    wait_for(&gw, project, agent, is("connected")).await;
+    sim.stop().await;
+}
+
+#[rstest]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mtls(#[values(Backend::Sqlite, Backend::Postgres)] backend: Backend) {
+    let Some(gw) = fast_gateway(backend).await else {
+        return;
+    };
+    let pki = pki();
+    let client = pki.ca.client("gateway", now()).unwrap();
+    let (project, agent, token) = new_agent(&gw, "agent").await;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let mut sim = sim_config(&gw, &token);
+    sim.tls = Some((pki.server.cert.clone(), pki.server.key.clone()));
+    sim.client_ca = Some(pki.ca.pair().cert);
+    let sim = AgentSim::start(sim, listener).unwrap();
+    configure(
+        &gw,
+        project,
+        agent,
+        json!({
+            "url": format!("grpcs://127.0.0.1:{port}"), "ca_cert": pki.ca.pair().cert,
+            "client_cert": client.cert, "client_key": client.key,
+        }),
+    )
+    .await;
+    wait_for(&gw, project, agent, is("connected")).await;
+    sim.stop().await;
+}
+
+#[rstest]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_and_credential_errors_in_plain_words(#[values(Backend::Sqlite)] backend: Backend) {
+    let Some(gw) = fast_gateway(backend).await else {
+        return;
+    };
+    let pki = pki();
+    let other_ca = DevCa::new("someone else", now()).unwrap();
+    let stranger = other_ca.client("gateway", now()).unwrap();
+
+    // An agent whose certificate is signed by a CA the gateway does not trust.
+    let (project, a1, token1) = new_agent(&gw, "unknown-ca").await;
+    let l1 = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let p1 = l1.local_addr().unwrap().port();
+    let mut sim = sim_config(&gw, &token1);
+    sim.tls = Some((pki.server.cert.clone(), pki.server.key.clone()));
+    let s1 = AgentSim::start(sim, l1).unwrap();
+    configure(
+        &gw,
+        project,
+        a1,
+        json!({"url": format!("grpcs://localhost:{p1}"), "ca_cert": other_ca.pair().cert}),
+    )
+    .await;
+
+    // The wrong name.
+    let (_, a2, token2) = new_agent(&gw, "wrong-name").await;
+    let l2 = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let p2 = l2.local_addr().unwrap().port();
+    let mut sim = sim_config(&gw, &token2);
+    sim.tls = Some((pki.server.cert.clone(), pki.server.key.clone()));
+    let s2 = AgentSim::start(sim, l2).unwrap();
+    configure(
+        &gw,
+        project,
+        a2,
+        json!({"url": format!("grpcs://localhost:{p2}"), "ca_cert": pki.ca.pair().cert, "tls_host": "agent.elsewhere"}),
+    )
+    .await;
+
+    // A client certificate the agent does not trust.
+    let (_, a3, token3) = new_agent(&gw, "bad-client").await;
+    let l3 = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let p3 = l3.local_addr().unwrap().port();
+    let mut sim = sim_config(&gw, &token3);
+    sim.tls = Some((pki.server.cert.clone(), pki.server.key.clone()));
+    sim.client_ca = Some(pki.ca.pair().cert);
+    let s3 = AgentSim::start(sim, l3).unwrap();
+    configure(
+        &gw,
+        project,
+        a3,
+        json!({"url": format!("grpcs://localhost:{p3}"), "ca_cert": pki.ca.pair().cert, "client_cert": stranger.cert, "client_key": stranger.key}),
+    )
+    .await;
+
+    // Nobody listening.
+    let (_, a4, _) = new_agent(&gw, "refused").await;
+    let closed = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let p4 = closed.local_addr().unwrap().port();
+    drop(closed);
+    configure(
+        &gw,
+        project,
+        a4,
+        json!({"url": format!("grpc://127.0.0.1:{p4}")}),
+    )
+    .await;
+
+    // A name that does not resolve.
+    let (_, a5, _) = new_agent(&gw, "no-dns").await;
+    configure(&gw, project, a5, json!({"url": "grpc://agent.invalid:443"})).await;
+
+    let s = wait_for(&gw, project, a1, error_contains("unknown CA")).await;
+    assert_eq!(s["state"], "backing_off", "{s}");
+    wait_for(
+        &gw,
+        project,
+        a2,
+        error_contains("not valid for the name agent.elsewhere"),
+    )
+    .await;
+    wait_for(
+        &gw,
+        project,
+        a3,
+        error_contains("rejected the client certificate"),
+    )
+    .await;
+    wait_for(&gw, project, a4, error_contains("connection refused")).await;
+    wait_for(
+        &gw,
+        project,
+        a5,
+        error_contains("DNS lookup of agent.invalid failed"),
+    )
+    .await;
+    for sim in [s1, s2, s3] {
+        sim.stop().await;
+    }
+}
+
+#[rstest]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_refuse_bad_jwts(#[values(Backend::Sqlite)] backend: Backend) {
+    let Some(gw) = fast_gateway(backend).await else {
+        return;
+    };
+    let (project, agent, token) = new_agent(&gw, "agent").await;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    configure(
+        &gw,
+        project,
+        agent,
+        json!({"url": format!("grpc://127.0.0.1:{port}")}),
+    )
+    .await;
+    // The agent holds another key pair's public key.
+    let (_, wrong_public) =
+        kas_gateway::crypto::x509::generate_ed25519(&ring::rand::SystemRandom::new()).unwrap();
+    let mut sim = sim_config(&gw, &token);
+    sim.jwt_public_key = Some(kas_gateway::crypto::x509::base64(&wrong_public));
+    let sim = AgentSim::start(sim, listener).unwrap();
+    wait_for(
+        &gw,
+        project,
+        agent,
+        error_contains("rejected the gateway's credentials (JWT)"),
+    )
+    .await;
+    assert!(
+        SimEvents::read(&sim.events.jwt_rejections)
+            .iter()
+            .any(|r| r == "invalid signature")
+    );
+    sim.stop().await;
+
+    // Right key, but the agent's clock is a minute ahead: the 5-second JWT has expired.
+    let (project, agent2, token2) = new_agent(&gw, "late").await;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let config = configure(
+        &gw,
+        project,
+        agent2,
+        json!({"url": format!("grpc://127.0.0.1:{port}")}),
+    )
+    .await;
+    let mut sim = sim_config(&gw, &token2);
+    sim.jwt_public_key = Some(config["public_key"].as_str().unwrap().to_owned());
+    let late = Arc::new(kas_gateway::clock::ManualClock::new(
+        START.plus_millis(60_000),
+    ));
+    sim.clock = late;
+    let sim = AgentSim::start(sim, listener).unwrap();
+    wait_for(
+        &gw,
+        project,
+        agent2,
+        error_contains("JWT rejected: token expired"),
+    )
+    .await;
+    sim.stop().await;
+}
+
+#[rstest]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_tokens_are_checked(#[values(Backend::Sqlite, Backend::Postgres)] backend: Backend) {
+    let Some(gw) = fast_gateway(backend).await else {
+        return;
+    };
+    let (project, agent, token) = new_agent(&gw, "agent").await;
+    let (_, _other_agent, other_token) = agent_in(&gw, project, "other").await;
+    // Presents another agent's token.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let sim = AgentSim::start(sim_config(&gw, &other_token), listener).unwrap();
+    configure(
+        &gw,
+        project,
+        agent,
+        json!({"url": format!("grpc://127.0.0.1:{port}")}),
+    )
+    .await;
+    wait_for(
+        &gw,
+        project,
+        agent,
+        error_contains("provided agent token belongs to a different agent id"),
+    )
+    .await;
+    assert!(
+        SimEvents::read(&sim.events.refused)
+            .iter()
+            .any(|m| m == "provided agent token belongs to a different agent id")
+    );
+    sim.stop().await;
+
+    // The right token connects; revoking it closes the session, and the agent is refused.
+    let listener = TcpListener::bind(format!("127.0.0.1:{port}"))
+        .await
+        .unwrap();
+    let sim = AgentSim::start(sim_config(&gw, &token), listener).unwrap();
+    wait_for(&gw, project, agent, is("connected")).await;
+    let tokens = gw
+        .get(
+            ROOT_TOKEN,
+            &format!("/api/v4/projects/{project}/cluster_agents/{agent}/tokens"),
+        )
+        .await;
+    let token_id = tokens.body[0]["id"].as_i64().unwrap();
+    gw.delete(
+        ROOT_TOKEN,
+        &format!("/api/v4/projects/{project}/cluster_agents/{agent}/tokens/{token_id}"),
+    )
+    .await
+    .expect_status(204);
+    wait_for(
+        &gw,
+        project,
+        agent,
+        error_contains("agent token rejected: the agent token is unknown or revoked"),
+    )
+    .await;
+    sim.stop().await;
+}
+
+async fn agent_in(gw: &Gateway, project: i64, name: &str) -> (i64, i64, String) {
+    let agent = gw.agent(project, name).await;
+    let (_, token) = gw.agent_token(project, agent, "t").await;
+    (project, agent, token)
+}
+
+#[rstest]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconnects_hangs_up_and_comes_back(
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+) {
+    let Some(mut gw) = fast_gateway(backend).await else {
+        return;
+    };
+    let (project, agent, token) = new_agent(&gw, "agent").await;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let config = configure(
+        &gw,
+        project,
+        agent,
+        json!({"url": format!("grpc://127.0.0.1:{port}")}),
+    )
+    .await;
+    let sim = AgentSim::start(sim_config(&gw, &token), listener).unwrap();
+    wait_for(&gw, project, agent, is("connected")).await;
+
+    // Agent killed: the session drops; restarted: the gateway reconnects within the backoff.
+    sim.stop().await;
+    wait_for(&gw, project, agent, |v| v["state"] != "connected").await;
+    let listener = TcpListener::bind(format!("127.0.0.1:{port}"))
+        .await
+        .unwrap();
+    let sim = AgentSim::start(sim_config(&gw, &token), listener).unwrap();
+    wait_for(&gw, project, agent, is("connected")).await;
+
+    // Gateway restarted: the session comes back.
+    gw.restart().await;
+    wait_for(&gw, project, agent, is("connected")).await;
+
+    // Configuration deleted: hung up within a second.
+    let id = config["id"].as_i64().unwrap();
+    let started = Instant::now();
+    gw.delete(
+        ROOT_TOKEN,
+        &format!("/api/v4/projects/{project}/cluster_agents/{agent}/url_configurations/{id}"),
+    )
+    .await
+    .expect_status(204);
+    while sim
+        .events
+        .open_sessions
+        .load(std::sync::atomic::Ordering::SeqCst)
+        > 0
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "still connected after a second"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    gw.get(
+        ROOT_TOKEN,
+        &format!("/api/v4/projects/{project}/cluster_agents/{agent}/connection"),
+    )
+    .await
+    .expect(404, json!({"message": "404 Not Found"}));
+
+    // A new configuration is dialled within a second; deleting the agent hangs up.
+    let started = Instant::now();
+    configure(
+        &gw,
+        project,
+        agent,
+        json!({"url": format!("grpc://127.0.0.1:{port}")}),
+    )
+    .await;
+    wait_for(&gw, project, agent, is("connected")).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "dialled after {:?}",
+        started.elapsed()
+    );
+    let started = Instant::now();
+    gw.delete(
+        ROOT_TOKEN,
+        &format!("/api/v4/projects/{project}/cluster_agents/{agent}"),
+    )
+    .await
+    .expect_status(204);
+    while sim
+        .events
+        .open_sessions
+        .load(std::sync::atomic::Ordering::SeqCst)
+        > 0
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "still connected after a second"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    sim.stop().await;
+}
