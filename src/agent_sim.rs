@@ -61,6 +61,8 @@ pub struct SimEvents {
     pub refused: Mutex<Vec<String>>,
     /// JWTs this agent rejected (the reasons).
     pub jwt_rejections: Mutex<Vec<String>>,
+    /// When set, pings go unanswered (to test heartbeat timeouts).
+    pub mute: std::sync::atomic::AtomicBool,
 }
 
 impl SimEvents {
@@ -157,6 +159,7 @@ impl ReceptiveAgent for SimAgent {
                 .and_then(|v| v.strip_prefix("Bearer "))
                 .unwrap_or("");
             if let Err(error) = jwt::verify(token, public_key, self.config.clock.now(), 0) {
+                tracing::warn!(%error, "rejected the gateway's JWT");
                 SimEvents::push(&self.events.jwt_rejections, error.to_string());
                 return Err(Status::unauthenticated(format!("JWT rejected: {error}")));
             }
@@ -185,13 +188,20 @@ impl ReceptiveAgent for SimAgent {
                     Ok(Some(pb::GatewayMessage {
                         message: Some(message),
                     })) => match message {
-                        pb::gateway_message::Message::Accepted(_) => {
+                        pb::gateway_message::Message::Accepted(accepted) => {
+                            tracing::info!(agent_id = accepted.agent_id, gateway = %accepted.gateway_version, "the gateway accepted the session");
                             events.accepted.fetch_add(1, Ordering::SeqCst);
                             continue;
                         }
                         pb::gateway_message::Message::Refused(refused) => {
+                            tracing::warn!(message = %refused.message, "the gateway refused the agent token");
                             SimEvents::push(&events.refused, refused.message);
                             break;
+                        }
+                        pb::gateway_message::Message::Ping(_)
+                            if events.mute.load(Ordering::SeqCst) =>
+                        {
+                            continue;
                         }
                         pb::gateway_message::Message::Ping(ping) => {
                             events.pongs.fetch_add(1, Ordering::Relaxed);

@@ -39,6 +39,33 @@ enum Command {
     /// Certificates for trying the gateway out.
     #[command(subcommand)]
     Certs(Certs),
+    /// Serves simulated receptive agents, to check connectivity or to load a gateway.
+    AgentSim(AgentSimArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct AgentSimArgs {
+    /// Address of the (first) agent.
+    #[arg(long, default_value = "127.0.0.1:4242")]
+    listen: std::net::SocketAddr,
+    /// The agent token to present (glagent-…); or give --agents-file.
+    #[arg(long, env = "KAS_AGENT_SIM_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Verify the gateway's JWT with this public key (the URL configuration's public_key).
+    #[arg(long)]
+    jwt_public_key: Option<String>,
+    /// Many agents: one per line, `<port> <agent token> [<jwt public key>]`.
+    #[arg(long)]
+    agents_file: Option<std::path::PathBuf>,
+    /// Server certificate (PEM); cleartext h2c without it.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<std::path::PathBuf>,
+    /// Server key (PEM).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<std::path::PathBuf>,
+    /// Require gateway client certificates signed by this CA (PEM).
+    #[arg(long, requires = "tls_cert")]
+    client_ca: Option<std::path::PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -130,10 +157,14 @@ async fn main() -> anyhow::Result<()> {
         }
         return Ok(());
     }
+    if let Command::AgentSim(args) = cli.command {
+        telemetry::init("info", kas_gateway::config::LogFormat::Text)?;
+        return run_agent_sim(args).await;
+    }
     let config = cli.config.resolve()?;
     telemetry::init(&config.log_level, config.log_format)?;
     match cli.command {
-        Command::Certs(_) => Ok(()),
+        Command::Certs(_) | Command::AgentSim(_) => Ok(()),
         Command::Serve => {
             let shutdown = CancellationToken::new();
             server::cancel_on_signals(shutdown.clone());
@@ -259,6 +290,80 @@ async fn run_admin(service: &Service, admin: Admin) -> anyhow::Result<()> {
                 service.active_encryption_key()
             );
         }
+    }
+    Ok(())
+}
+
+async fn run_agent_sim(args: AgentSimArgs) -> anyhow::Result<()> {
+    use kas_gateway::agent_sim::{AgentSim, AgentSimConfig};
+    let read = |path: &std::path::PathBuf| {
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
+    };
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some((read(cert)?, read(key)?)),
+        _ => None,
+    };
+    let client_ca = args.client_ca.as_ref().map(read).transpose()?;
+    let mut agents: Vec<(std::net::SocketAddr, String, Option<String>)> = Vec::new();
+    if let Some(file) = &args.agents_file {
+        for (n, line) in read(file)?.lines().enumerate() {
+            let mut fields = line.split_whitespace();
+            let (Some(port), Some(token)) = (fields.next(), fields.next()) else {
+                continue;
+            };
+            let port: u16 = port
+                .parse()
+                .with_context(|| format!("line {}: {port:?} is not a port", n + 1))?;
+            let addr = std::net::SocketAddr::new(args.listen.ip(), port);
+            agents.push((addr, token.to_owned(), fields.next().map(str::to_owned)));
+        }
+    } else {
+        let token = args
+            .token
+            .clone()
+            .context("give --token (or --agents-file)")?;
+        agents.push((args.listen, token, args.jwt_public_key.clone()));
+    }
+    let mut sims = Vec::new();
+    for (addr, token, jwt_public_key) in agents {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("listening on {addr}"))?;
+        let config = AgentSimConfig {
+            token,
+            tls: tls.clone(),
+            client_ca: client_ca.clone(),
+            jwt_public_key,
+            metadata: kas_gateway::proto::agent::v1::AgentMetadata {
+                version: format!("agent-sim {}", env!("CARGO_PKG_VERSION")),
+                ..Default::default()
+            },
+            clock: Arc::new(SystemClock),
+        };
+        sims.push(AgentSim::start(config, listener)?);
+    }
+    tracing::info!(
+        agents = sims.len(),
+        first = %sims.first().map(|s| s.addr.to_string()).unwrap_or_default(),
+        tls = tls.is_some(),
+        mtls = client_ca.is_some(),
+        "simulated agents listening"
+    );
+    let shutdown = CancellationToken::new();
+    server::cancel_on_signals(shutdown.clone());
+    let mut report = tokio::time::interval(std::time::Duration::from_secs(10));
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            _ = report.tick() => {
+                let open: i64 = sims.iter().map(|s| s.events.open_sessions.load(std::sync::atomic::Ordering::Relaxed)).sum();
+                let accepted: u64 = sims.iter().map(|s| s.events.accepted.load(std::sync::atomic::Ordering::Relaxed)).sum();
+                tracing::info!(open_sessions = open, accepted, "agent-sim");
+            }
+        }
+    }
+    for sim in sims {
+        sim.stop().await;
     }
     Ok(())
 }

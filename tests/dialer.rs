@@ -565,3 +565,39 @@ async fn reconnects_hangs_up_and_comes_back(
     }
     sim.stop().await;
 }
+
+#[rstest]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeat_timeout_drops_and_redials(#[values(Backend::Sqlite)] backend: Backend) {
+    let Some(gw) = fast_gateway(backend).await else {
+        return;
+    };
+    let (project, agent, token) = new_agent(&gw, "agent").await;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    configure(
+        &gw,
+        project,
+        agent,
+        json!({"url": format!("grpc://127.0.0.1:{port}")}),
+    )
+    .await;
+    let sim = AgentSim::start(sim_config(&gw, &token), listener).unwrap();
+    wait_for(&gw, project, agent, is("connected")).await;
+    sim.events
+        .mute
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    wait_for(&gw, project, agent, error_contains("no heartbeat reply")).await;
+    sim.events
+        .mute
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    let state = wait_for(&gw, project, agent, is("connected")).await;
+    assert_eq!(state["last_error"], Value::Null);
+    assert!(
+        sim.events
+            .accepted
+            .load(std::sync::atomic::Ordering::SeqCst)
+            >= 2
+    );
+    sim.stop().await;
+}

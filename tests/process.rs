@@ -546,3 +546,96 @@ async fn rotate_encryption_key_from_the_command_line() {
             .contains(keys.lines().nth(1).unwrap().split_once('=').unwrap().1)
     );
 }
+
+/// What the README tells an operator to try: `certs dev`, the gateway, `agent-sim`.
+#[tokio::test]
+async fn certs_dev_and_agent_sim_from_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().join("certs");
+    let status = Command::new(BIN)
+        .args(["certs", "dev", "--out"])
+        .arg(&certs)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let token = "glpat-agent-sim-test-token-00000";
+    let gateway = Gateway::start({
+        let mut c = command(&dir.path().join("data"));
+        c.env("KAS_GATEWAY_BOOTSTRAP_TOKEN", token);
+        c
+    });
+    let api = |path: &str| gateway.url(&format!("/api/v4{path}"));
+    let (_, project) = send(
+        reqwest::Method::POST,
+        &api("/projects"),
+        token,
+        Some(json!({"name": "p"})),
+    )
+    .await;
+    let agents = format!("/projects/{}/cluster_agents", project["id"]);
+    let (_, agent) = send(
+        reqwest::Method::POST,
+        &api(&agents),
+        token,
+        Some(json!({"name": "a"})),
+    )
+    .await;
+    let agent_path = format!("{agents}/{}", agent["id"]);
+    let (_, agent_token) = send(
+        reqwest::Method::POST,
+        &api(&format!("{agent_path}/tokens")),
+        token,
+        Some(json!({"name": "t"})),
+    )
+    .await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let ca = std::fs::read_to_string(certs.join("ca.pem")).unwrap();
+    let (status, config) = send(
+        reqwest::Method::POST,
+        &api(&format!("{agent_path}/url_configurations")),
+        token,
+        Some(json!({"url": format!("grpcs://localhost:{port}"), "ca_cert": ca})),
+    )
+    .await;
+    assert_eq!(status, 201);
+    let mut sim = Command::new(BIN)
+        .arg("agent-sim")
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .args(["--token", agent_token["token"].as_str().unwrap()])
+        .args(["--jwt-public-key", config["public_key"].as_str().unwrap()])
+        .arg("--tls-cert")
+        .arg(certs.join("server.pem"))
+        .arg("--tls-key")
+        .arg(certs.join("server-key.pem"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let state = loop {
+        let (_, state) = send(
+            reqwest::Method::GET,
+            &api(&format!("{agent_path}/connection")),
+            token,
+            None,
+        )
+        .await;
+        if state["state"] == "connected" || Instant::now() > deadline {
+            break state;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let _ = sim.kill();
+    let _ = sim.wait();
+    assert_eq!(state["state"], "connected", "{state}");
+    assert!(
+        state["agent"]["version"]
+            .as_str()
+            .unwrap()
+            .starts_with("agent-sim")
+    );
+}
