@@ -32,6 +32,8 @@ pub struct AgentSimConfig {
     pub client_ca: Option<String>,
     /// Verify the gateway's JWT with this public key (standard base64 of 32 bytes).
     pub jwt_public_key: Option<String>,
+    /// The JWT audience this agent expects (`gitlab-agent`).
+    pub jwt_audience: String,
     /// What the agent says about itself.
     pub metadata: pb::AgentMetadata,
     /// The clock JWTs are checked against.
@@ -158,7 +160,10 @@ impl ReceptiveAgent for SimAgent {
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.strip_prefix("Bearer "))
                 .unwrap_or("");
-            if let Err(error) = jwt::verify(token, public_key, self.config.clock.now(), 0) {
+            let now = self.config.clock.now();
+            if let Err(error) =
+                jwt::verify_for(token, public_key, &self.config.jwt_audience, now, 0)
+            {
                 tracing::warn!(%error, "rejected the gateway's JWT");
                 SimEvents::push(&self.events.jwt_rejections, error.to_string());
                 return Err(Status::unauthenticated(format!("JWT rejected: {error}")));

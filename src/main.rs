@@ -334,6 +334,7 @@ async fn run_agent_sim(args: AgentSimArgs) -> anyhow::Result<()> {
             tls: tls.clone(),
             client_ca: client_ca.clone(),
             jwt_public_key,
+            jwt_audience: kas_gateway::crypto::jwt::AUDIENCE.into(),
             metadata: kas_gateway::proto::agent::v1::AgentMetadata {
                 version: format!("agent-sim {}", env!("CARGO_PKG_VERSION")),
                 ..Default::default()

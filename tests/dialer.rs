@@ -66,6 +66,7 @@ fn sim_config(gw: &Gateway, token: &str) -> AgentSimConfig {
         tls: None,
         client_ca: None,
         jwt_public_key: None,
+        jwt_audience: kas_gateway::crypto::jwt::AUDIENCE.into(),
         metadata: pb::AgentMetadata {
             version: "v17.6.0".into(),
             commit: "abc123".into(),
@@ -396,6 +397,68 @@ async fn agents_refuse_bad_jwts(#[values(Backend::Sqlite)] backend: Backend) {
         error_contains("JWT rejected: token expired"),
     )
     .await;
+    sim.stop().await;
+
+    // Right key and time, but the agent expects another audience.
+    let (project, agent3, token3) = new_agent(&gw, "elsewhere").await;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let config = configure(
+        &gw,
+        project,
+        agent3,
+        json!({"url": format!("grpc://127.0.0.1:{port}")}),
+    )
+    .await;
+    let mut sim = sim_config(&gw, &token3);
+    sim.jwt_public_key = Some(config["public_key"].as_str().unwrap().to_owned());
+    sim.jwt_audience = "another-service".into();
+    let sim = AgentSim::start(sim, listener).unwrap();
+    wait_for(
+        &gw,
+        project,
+        agent3,
+        error_contains("JWT rejected: wrong audience"),
+    )
+    .await;
+    sim.stop().await;
+}
+
+/// A configuration this gateway was not told about (another replica created it) is picked
+/// up by the periodic resync.
+#[rstest]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resync_repairs_drift(#[values(Backend::Sqlite, Backend::Postgres)] backend: Backend) {
+    let Some(gw) = Gateway::start_with(backend, |config| {
+        config.dialer.backoff.base = Duration::from_millis(100);
+        config.dialer.resync_interval = Duration::from_millis(300);
+    })
+    .await
+    else {
+        return;
+    };
+    let (project, agent, token) = new_agent(&gw, "agent").await;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let sim = AgentSim::start(sim_config(&gw, &token), listener).unwrap();
+    // Another service over the same database: its changes do not wake this dialer.
+    let (_, other) = kas_gateway::server::open_service(&gw.config, gw.clock.clone())
+        .await
+        .unwrap();
+    let operator = kas_gateway::domain::Caller::operator();
+    other
+        .create_url_configuration(
+            &operator,
+            &kas_gateway::domain::ProjectRef::Id(project),
+            agent,
+            kas_gateway::domain::UrlConfigurationInput {
+                url: format!("grpc://127.0.0.1:{port}"),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    wait_for(&gw, project, agent, is("connected")).await;
     sim.stop().await;
 }
 

@@ -90,10 +90,21 @@ pub enum JwtError {
 }
 
 /// Verifies a gateway JWT with the raw 32-byte public key given as standard base64, as an
-/// agent does. `leeway_secs` allows for clock skew.
+/// agent does, expecting [`AUDIENCE`]. `leeway_secs` allows for clock skew.
 pub fn verify(
     token: &str,
     public_key_base64: &str,
+    now: Timestamp,
+    leeway_secs: i64,
+) -> Result<Claims, JwtError> {
+    verify_for(token, public_key_base64, AUDIENCE, now, leeway_secs)
+}
+
+/// [`verify`] for an agent that expects the audience `audience`.
+pub fn verify_for(
+    token: &str,
+    public_key_base64: &str,
+    audience: &str,
     now: Timestamp,
     leeway_secs: i64,
 ) -> Result<Claims, JwtError> {
@@ -125,7 +136,7 @@ pub fn verify(
     if claims.iss != ISSUER {
         return Err(JwtError::Issuer);
     }
-    if claims.aud != AUDIENCE {
+    if claims.aud != audience {
         return Err(JwtError::Audience);
     }
     let now = now.as_secs();
