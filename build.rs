@@ -7,7 +7,10 @@ use prost::Message;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto");
-    let files = ["proto/kas_gateway/agent/v1/session.proto"];
+    let files = [
+        "proto/kas_gateway/agent/v1/session.proto",
+        "proto/kas_gateway/v1/gateway.proto",
+    ];
     let descriptors = protox::compile(files, ["proto"])?;
     let out = PathBuf::from(std::env::var("OUT_DIR")?);
     std::fs::write(out.join("descriptors.bin"), descriptors.encode_to_vec())?;

@@ -46,6 +46,10 @@ pub struct Config {
     pub receptive_agents: bool,
     /// How the dialer behaves (timeouts, heartbeats, backoff).
     pub dialer: crate::dialer::DialerSettings,
+    /// The shared secret GitLab signs gRPC calls with (the decoded 32 bytes).
+    pub gitlab_secret: Option<zeroize::Zeroizing<Vec<u8>>>,
+    /// A separate listener for gRPC only (gRPC is always served on `listen` too).
+    pub grpc_listen: Option<SocketAddr>,
 }
 
 impl std::fmt::Debug for Config {
@@ -67,6 +71,11 @@ impl std::fmt::Debug for Config {
                 &self.encryption_keys.as_ref().map(|_| "[REDACTED]"),
             )
             .field("receptive_agents", &self.receptive_agents)
+            .field(
+                "gitlab_secret",
+                &self.gitlab_secret.as_ref().map(|_| "[REDACTED]"),
+            )
+            .field("grpc_listen", &self.grpc_listen)
             .finish()
     }
 }
@@ -98,6 +107,8 @@ impl Config {
             encryption_keys: None,
             receptive_agents: true,
             dialer: crate::dialer::DialerSettings::default(),
+            gitlab_secret: None,
+            grpc_listen: None,
         }
     }
 }
@@ -131,6 +142,8 @@ const KNOWN_ENV: &[&str] = &[
     "KAS_GATEWAY_ENCRYPTION_KEYS",
     "KAS_GATEWAY_ENCRYPTION_KEYS_FILE",
     "KAS_GATEWAY_RECEPTIVE_AGENTS",
+    "KAS_GATEWAY_GITLAB_SECRET_FILE",
+    "KAS_GATEWAY_GRPC_LISTEN",
 ];
 
 /// Configuration flags shared by `serve`, `migrate` and `admin`.
@@ -194,6 +207,12 @@ pub struct ConfigArgs {
     /// Receptive agents (URL configurations) on or off [default: true].
     #[arg(long, env = "KAS_GATEWAY_RECEPTIVE_AGENTS", global = true)]
     pub receptive_agents: Option<bool>,
+    /// GitLab's KAS secret file (base64 of 32 bytes): GitLab's gRPC calls are signed with it.
+    #[arg(long, env = "KAS_GATEWAY_GITLAB_SECRET_FILE", global = true)]
+    pub gitlab_secret_file: Option<PathBuf>,
+    /// A separate gRPC-only listener [default: none; gRPC shares the HTTP listener].
+    #[arg(long, env = "KAS_GATEWAY_GRPC_LISTEN", global = true)]
+    pub grpc_listen: Option<SocketAddr>,
 }
 
 /// The TOML file's keys: the same names as the flags, with underscores.
@@ -213,6 +232,8 @@ struct FileConfig {
     encryption_keys: Option<String>,
     encryption_keys_file: Option<PathBuf>,
     receptive_agents: Option<bool>,
+    gitlab_secret_file: Option<PathBuf>,
+    grpc_listen: Option<SocketAddr>,
 }
 
 impl ConfigArgs {
@@ -286,8 +307,32 @@ impl ConfigArgs {
                 .or(file.receptive_agents)
                 .unwrap_or(true),
             dialer: crate::dialer::DialerSettings::default(),
+            gitlab_secret: self
+                .gitlab_secret_file
+                .or(file.gitlab_secret_file)
+                .map(|path| read_gitlab_secret(&path))
+                .transpose()?,
+            grpc_listen: self.grpc_listen.or(file.grpc_listen),
         })
     }
+}
+
+/// Reads GitLab's KAS secret file: base64 of 32 random bytes.
+pub fn read_gitlab_secret(path: &Path) -> anyhow::Result<zeroize::Zeroizing<Vec<u8>>> {
+    use base64::Engine;
+    let text = zeroize::Zeroizing::new(
+        std::fs::read_to_string(path)
+            .with_context(|| format!("reading the GitLab secret file {}", path.display()))?,
+    );
+    let secret = zeroize::Zeroizing::new(
+        base64::engine::general_purpose::STANDARD
+            .decode(text.trim())
+            .with_context(|| format!("{} is not base64", path.display()))?,
+    );
+    if secret.len() != 32 {
+        bail!("{} must hold base64 of 32 bytes", path.display());
+    }
+    Ok(secret)
 }
 
 /// A secret given directly or through a file, flags before the configuration file.

@@ -7,6 +7,7 @@ pub mod config;
 pub mod crypto;
 pub mod dialer;
 pub mod domain;
+pub mod grpc;
 pub mod proto;
 pub mod rest;
 pub mod server;

@@ -16,5 +16,10 @@ pub mod agent {
     }
 }
 
+/// The gateway's own gRPC API.
+pub mod v1 {
+    tonic::include_proto!("kas_gateway.v1");
+}
+
 /// The encoded descriptors of every `.proto`, for gRPC reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/descriptors.bin"));

@@ -120,8 +120,10 @@ fn write_private_file(path: &Path, contents: &str) -> anyhow::Result<()> {
 /// A running gateway.
 #[derive(Debug)]
 pub struct Server {
-    /// The bound HTTP address.
+    /// The bound HTTP address (REST and gRPC).
     pub addr: SocketAddr,
+    /// The bound gRPC-only address, if configured.
+    pub grpc_addr: Option<SocketAddr>,
     /// The URL the gateway announces.
     pub external_url: String,
     /// The domain service the transports call.
@@ -158,8 +160,32 @@ pub async fn start(
         service: service.clone(),
         external_url: Arc::from(external_url.as_str()),
     };
-    let router = rest::router(app);
-    tracing::info!(%addr, %external_url, "listening");
+    let grpc = crate::grpc::router(
+        crate::grpc::Api::new(service.clone(), config.gitlab_secret.clone()),
+        shutdown.child_token(),
+    );
+    let router = rest::finish(rest::routes(app).merge(grpc.clone()));
+    tracing::info!(%addr, %external_url, serves = "REST and gRPC", "listening");
+    let grpc_addr = match config.grpc_listen {
+        None => None,
+        Some(grpc_listen) => {
+            let listener = TcpListener::bind(grpc_listen)
+                .await
+                .with_context(|| format!("listening on {grpc_listen}"))?;
+            let grpc_addr = listener.local_addr()?;
+            tracing::info!(addr = %grpc_addr, serves = "gRPC", "listening");
+            let stop = shutdown.clone();
+            tokio::spawn(async move {
+                let served = axum::serve(listener, rest::finish(grpc))
+                    .with_graceful_shutdown(stop.cancelled_owned())
+                    .await;
+                if let Err(error) = served {
+                    tracing::error!(%error, "the gRPC listener failed");
+                }
+            });
+            Some(grpc_addr)
+        }
+    };
 
     let dialer = config.receptive_agents.then(|| {
         crate::dialer::spawn(
@@ -182,6 +208,7 @@ pub async fn start(
     });
     Ok(Server {
         addr,
+        grpc_addr,
         external_url,
         service,
         task,

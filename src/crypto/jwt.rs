@@ -87,6 +87,9 @@ pub enum JwtError {
     /// Before `nbf`.
     #[error("token not yet valid")]
     NotYetValid,
+    /// `exp` further ahead than allowed.
+    #[error("token lifetime too long")]
+    TooLong,
 }
 
 /// Verifies a gateway JWT with the raw 32-byte public key given as standard base64, as an
@@ -147,6 +150,79 @@ pub fn verify_for(
         return Err(JwtError::NotYetValid);
     }
     Ok(claims)
+}
+
+/// Signs HS256 claims with a shared secret (what a GitLab instance does; for tests and tools).
+pub fn sign_hs256(secret: &[u8], claims: &serde_json::Value) -> String {
+    let signing_input = format!(
+        "{}.{}",
+        URL_SAFE_NO_PAD.encode(r#"{"alg":"HS256","typ":"JWT"}"#),
+        URL_SAFE_NO_PAD.encode(claims.to_string())
+    );
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret);
+    let tag = ring::hmac::sign(&key, signing_input.as_bytes());
+    format!("{signing_input}.{}", URL_SAFE_NO_PAD.encode(tag.as_ref()))
+}
+
+/// Verifies a GitLab instance's HS256 JWT: the shared secret, `iss`, `aud` (a string or a
+/// list holding it), `exp` present and at most `max_lifetime_secs` ahead, `nbf` passed.
+pub fn verify_hs256(
+    token: &str,
+    secret: &[u8],
+    issuer: &str,
+    audience: &str,
+    now: Timestamp,
+    max_lifetime_secs: i64,
+) -> Result<(), JwtError> {
+    let mut parts = token.split('.');
+    let (Some(header), Some(claims), Some(signature), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(JwtError::Malformed);
+    };
+    let decode = |part: &str| {
+        URL_SAFE_NO_PAD
+            .decode(part)
+            .map_err(|_| JwtError::Malformed)
+    };
+    let header: serde_json::Value =
+        serde_json::from_slice(&decode(header)?).map_err(|_| JwtError::Malformed)?;
+    if header["alg"] != "HS256" {
+        return Err(JwtError::Algorithm);
+    }
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret);
+    let signing_input_len = token.len() - signature.len() - 1;
+    ring::hmac::verify(
+        &key,
+        &token.as_bytes()[..signing_input_len],
+        &decode(signature)?,
+    )
+    .map_err(|_| JwtError::Signature)?;
+    let claims: serde_json::Value =
+        serde_json::from_slice(&decode(claims)?).map_err(|_| JwtError::Malformed)?;
+    if claims["iss"] != issuer {
+        return Err(JwtError::Issuer);
+    }
+    let audience_ok = match &claims["aud"] {
+        serde_json::Value::String(aud) => aud == audience,
+        serde_json::Value::Array(list) => list.iter().any(|a| a == audience),
+        _ => false,
+    };
+    if !audience_ok {
+        return Err(JwtError::Audience);
+    }
+    let now = now.as_secs();
+    let exp = claims["exp"].as_i64().ok_or(JwtError::Malformed)?;
+    if now >= exp {
+        return Err(JwtError::Expired);
+    }
+    if exp - now > max_lifetime_secs {
+        return Err(JwtError::TooLong);
+    }
+    if claims["nbf"].as_i64().is_some_and(|nbf| now < nbf) {
+        return Err(JwtError::NotYetValid);
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -215,5 +291,66 @@ mod tests {
         assert_eq!(verify("a.b", &public, NOW, 0), Err(JwtError::Malformed));
         let tampered = token.replacen('.', ".e", 1);
         assert!(verify(&tampered, &public, NOW, 0).is_err());
+    }
+
+    #[test]
+    fn hs256() {
+        let secret = [7u8; 32];
+        let iat = NOW.as_secs();
+        let good =
+            serde_json::json!({"iss": "gitlab", "aud": "gitlab-kas", "iat": iat, "exp": iat + 60});
+        let token = sign_hs256(&secret, &good);
+        assert_eq!(
+            verify_hs256(&token, &secret, "gitlab", "gitlab-kas", NOW, 300),
+            Ok(())
+        );
+        assert_eq!(
+            verify_hs256(&token, &[8u8; 32], "gitlab", "gitlab-kas", NOW, 300),
+            Err(JwtError::Signature)
+        );
+        assert_eq!(
+            verify_hs256(
+                &token,
+                &secret,
+                "gitlab",
+                "gitlab-kas",
+                NOW.plus_millis(61_000),
+                300
+            ),
+            Err(JwtError::Expired)
+        );
+        assert_eq!(
+            verify_hs256(&token, &secret, "gitlab", "other", NOW, 300),
+            Err(JwtError::Audience)
+        );
+        assert_eq!(
+            verify_hs256(&token, &secret, "gitlab", "gitlab-kas", NOW, 30),
+            Err(JwtError::TooLong)
+        );
+        let list =
+            serde_json::json!({"iss": "gitlab", "aud": ["x", "gitlab-kas"], "exp": iat + 60});
+        assert_eq!(
+            verify_hs256(
+                &sign_hs256(&secret, &list),
+                &secret,
+                "gitlab",
+                "gitlab-kas",
+                NOW,
+                300
+            ),
+            Ok(())
+        );
+        let no_exp = serde_json::json!({"iss": "gitlab", "aud": "gitlab-kas"});
+        assert_eq!(
+            verify_hs256(
+                &sign_hs256(&secret, &no_exp),
+                &secret,
+                "gitlab",
+                "gitlab-kas",
+                NOW,
+                300
+            ),
+            Err(JwtError::Malformed)
+        );
     }
 }

@@ -210,6 +210,7 @@ async fn keep_connected(
 ) {
     let rng = ring::rand::SystemRandom::new();
     let mut attempt: u32 = 0;
+    let waker = service.connections().waker(config.agent_id);
     loop {
         let now = service.now();
         service.connections().update(config.agent_id, |c| {
@@ -247,9 +248,16 @@ async fn keep_connected(
         }
         let delay = settings.backoff.delay(attempt, random_unit(&rng));
         attempt = attempt.saturating_add(1);
+        let dial_now = async {
+            match &waker {
+                Some(waker) => waker.notified().await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             () = cancel.cancelled() => return,
             () = tokio::time::sleep(delay) => {}
+            () = dial_now => {}
         }
     }
 }

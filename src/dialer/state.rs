@@ -5,7 +5,9 @@ use std::sync::Mutex;
 
 use std::time::Duration;
 
-use tokio::sync::{broadcast, mpsc, oneshot};
+use std::sync::Arc;
+
+use tokio::sync::{Notify, broadcast, mpsc, oneshot};
 
 use super::session::SessionRequest;
 use crate::domain::{Id, Timestamp};
@@ -85,6 +87,7 @@ pub struct Registry {
     replica: String,
     connections: Mutex<HashMap<Id, Connection>>,
     sessions: Mutex<HashMap<Id, mpsc::Sender<SessionRequest>>>,
+    wakers: Mutex<HashMap<Id, Arc<Notify>>>,
     changes: broadcast::Sender<Connection>,
 }
 
@@ -110,6 +113,7 @@ impl Registry {
             replica: replica.into(),
             connections: Mutex::new(HashMap::new()),
             sessions: Mutex::new(HashMap::new()),
+            wakers: Mutex::new(HashMap::new()),
             changes,
         }
     }
@@ -137,6 +141,12 @@ impl Registry {
         match self.sessions.lock() {
             Ok(mut map) => map.insert(agent_id, requests),
             Err(poisoned) => poisoned.into_inner().insert(agent_id, requests),
+        };
+        match self.wakers.lock() {
+            Ok(mut map) => map.insert(agent_id, Arc::new(Notify::new())),
+            Err(poisoned) => poisoned
+                .into_inner()
+                .insert(agent_id, Arc::new(Notify::new())),
         };
         let connection = Connection {
             agent_id,
@@ -211,8 +221,25 @@ impl Registry {
         }
     }
 
+    /// What wakes an agent's dialling loop out of its backoff.
+    pub fn waker(&self, agent_id: Id) -> Option<Arc<Notify>> {
+        match self.wakers.lock() {
+            Ok(map) => map.get(&agent_id).cloned(),
+            Err(poisoned) => poisoned.into_inner().get(&agent_id).cloned(),
+        }
+    }
+
+    /// Asks for an immediate attempt, skipping the backoff; false when not tracked.
+    pub fn dial_now(&self, agent_id: Id) -> bool {
+        self.waker(agent_id).map(|w| w.notify_one()).is_some()
+    }
+
     /// Stops tracking an agent.
     pub fn forget(&self, agent_id: Id) {
+        match self.wakers.lock() {
+            Ok(mut map) => map.remove(&agent_id),
+            Err(poisoned) => poisoned.into_inner().remove(&agent_id),
+        };
         match self.sessions.lock() {
             Ok(mut map) => map.remove(&agent_id),
             Err(poisoned) => poisoned.into_inner().remove(&agent_id),

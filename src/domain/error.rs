@@ -68,9 +68,12 @@ pub enum Error {
     /// Validation failures keyed by attribute, as GitLab renders them for projects.
     #[error("validation failed: {0:?}")]
     AttributeValidation(Vec<(String, Vec<String>)>),
-    /// A single-message refusal (`An agent can have only two active tokens at a time`).
+    /// A single-message refusal.
     #[error("bad request: {0}")]
     BadRequest(String),
+    /// A limit is reached (`An agent can have only two active tokens at a time`).
+    #[error("limit reached: {0}")]
+    LimitReached(String),
     /// A unique constraint refused the write; the domain layer words it for the client.
     #[error("conflict")]
     Conflict,
@@ -166,7 +169,7 @@ impl Error {
                     .collect::<serde_json::Map<_, _>>();
                 (StatusCode::BAD_REQUEST, json!({"message": map}))
             }
-            Self::BadRequest(message) => (
+            Self::BadRequest(message) | Self::LimitReached(message) => (
                 StatusCode::BAD_REQUEST,
                 json!({"message": format!("400 Bad request - {message}")}),
             ),
@@ -198,6 +201,57 @@ impl Error {
             ),
         };
         Reply { status, body }
+    }
+}
+
+impl Error {
+    /// The same table for gRPC: a status code and a message. Validation messages are the
+    /// REST API's, joined with ", "; causes of internal errors stay in the log.
+    pub fn grpc(&self) -> (tonic::Code, String) {
+        use tonic::Code;
+        match self {
+            Self::Unauthorized => (Code::Unauthenticated, "unauthenticated".into()),
+            Self::InsufficientScope | Self::Forbidden => {
+                (Code::PermissionDenied, "permission denied".into())
+            }
+            Self::NotFound(_) => {
+                let body = self.reply().body;
+                let message = body["message"].as_str().unwrap_or("404 Not Found");
+                (
+                    Code::NotFound,
+                    message.trim_start_matches("404 ").to_owned(),
+                )
+            }
+            Self::Params(problems) => (
+                Code::InvalidArgument,
+                problems
+                    .iter()
+                    .map(ParamProblem::message)
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            ),
+            Self::Validation(messages) => (Code::InvalidArgument, messages.join(", ")),
+            Self::AttributeValidation(fields) => (
+                Code::InvalidArgument,
+                fields
+                    .iter()
+                    .map(|(field, messages)| format!("{field} {}", messages.join(", ")))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            ),
+            Self::BadRequest(message) | Self::UnsupportedMediaType(message) => {
+                (Code::InvalidArgument, message.clone())
+            }
+            Self::MalformedJson | Self::PayloadTooLarge => {
+                (Code::InvalidArgument, self.to_string())
+            }
+            Self::LimitReached(message) => (Code::FailedPrecondition, message.clone()),
+            Self::PreconditionFailed => (Code::FailedPrecondition, "precondition failed".into()),
+            Self::Conflict => (Code::AlreadyExists, "already exists".into()),
+            Self::AlreadyExists(message) => (Code::AlreadyExists, message.clone()),
+            Self::Unavailable(_) => (Code::Unavailable, "the database is unavailable".into()),
+            Self::Internal(_) => (Code::Internal, "internal error".into()),
+        }
     }
 }
 

@@ -400,6 +400,8 @@ pub struct UrlConfiguration {
     pub id: Id,
     /// The agent it belongs to (one configuration per agent).
     pub agent_id: Id,
+    /// The agent's project.
+    pub project_id: Id,
     /// `grpc://` or `grpcs://` URL of the agent's server.
     pub url: String,
     /// JWT mode: standard base64 of the raw Ed25519 public key.

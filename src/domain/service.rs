@@ -57,6 +57,14 @@ impl Caller {
         }
     }
 
+    /// A GitLab instance calling the gRPC API with its shared secret: an administrator.
+    pub fn gitlab() -> Self {
+        let mut caller = Self::operator();
+        caller.user.username = "gitlab".into();
+        caller.user.name = "GitLab".into();
+        caller
+    }
+
     /// Whether the caller passes every role check.
     pub fn is_admin(&self) -> bool {
         self.operator || self.user.is_admin
@@ -834,7 +842,7 @@ impl Service {
             .await?;
         match created {
             TokenCreated::Created(token) => Ok((token, secret)),
-            TokenCreated::LimitReached => Err(Error::BadRequest(
+            TokenCreated::LimitReached => Err(Error::LimitReached(
                 "An agent can have only two active tokens at a time".into(),
             )),
         }
@@ -952,6 +960,7 @@ impl Service {
             .create_url_configuration(
                 NewUrlConfiguration {
                     agent_id: agent.id,
+                    project_id: agent.project.id,
                     url: checked.url,
                     public_key,
                     client_cert: checked.client_cert,
@@ -965,7 +974,7 @@ impl Service {
             )
             .await;
         let created = match created {
-            Err(Error::Conflict) => Err(Error::BadRequest(
+            Err(Error::Conflict) => Err(Error::LimitReached(
                 "URL configuration already exists for this agent".into(),
             )),
             other => other,
@@ -992,6 +1001,77 @@ impl Service {
             Ok(())
         } else {
             Err(Error::NotFound(Missing::Resource))
+        }
+    }
+
+    /// An agent by id alone (for callers that address agents globally, such as the gRPC
+    /// API); the caller's role in its project is checked as for `agent`.
+    pub async fn agent_by_id(&self, caller: &Caller, agent_id: Id) -> Result<Agent> {
+        let agent = self
+            .store
+            .agent_by_id(agent_id)
+            .await?
+            .ok_or(Error::NotFound(Missing::Record))?;
+        self.agent(caller, &ProjectRef::Id(agent.project.id), agent_id)
+            .await
+    }
+
+    /// A URL configuration by id alone (Developer of its project).
+    pub async fn url_configuration_by_id(
+        &self,
+        caller: &Caller,
+        id: Id,
+    ) -> Result<UrlConfiguration> {
+        self.require_receptive()?;
+        let config = self
+            .store
+            .url_configuration_by_id(id)
+            .await?
+            .ok_or(Error::NotFound(Missing::Resource))?;
+        self.url_configuration(
+            caller,
+            &ProjectRef::Id(config.project_id),
+            config.agent_id,
+            id,
+        )
+        .await
+    }
+
+    /// URL configurations across projects (administrators), optionally of one project or
+    /// one agent.
+    pub async fn list_all_url_configurations(
+        &self,
+        caller: &Caller,
+        project_id: Option<Id>,
+        agent_id: Option<Id>,
+        page: PageRequest,
+    ) -> Result<Paged<UrlConfiguration>> {
+        self.require_receptive()?;
+        require_admin(caller)?;
+        self.store
+            .list_url_configurations(project_id, agent_id, page)
+            .await
+    }
+
+    /// An agent's connection state by agent id alone (Developer of its project).
+    pub async fn connection_by_agent(
+        &self,
+        caller: &Caller,
+        agent_id: Id,
+    ) -> Result<(UrlConfiguration, Option<Connection>)> {
+        let agent = self.agent_by_id(caller, agent_id).await?;
+        self.connection(caller, &ProjectRef::Id(agent.project.id), agent_id)
+            .await
+    }
+
+    /// Authenticates an operator's personal access token for the gRPC API: only
+    /// administrators' `api` tokens.
+    pub async fn authenticate_admin(&self, token: &str) -> Result<Caller> {
+        let caller = self.authenticate(Some(token), Intent::Write).await?;
+        if caller.is_admin() {
+            Ok(caller)
+        } else {
+            Err(Error::Unauthorized)
         }
     }
 

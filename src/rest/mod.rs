@@ -114,8 +114,8 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
     api().1
 }
 
-/// The REST router, with its fallbacks, limits and request log.
-pub fn router(app: App) -> Router {
+/// The REST routes and the OpenAPI document, without fallbacks or layers (see [`finish`]).
+pub fn routes(app: App) -> Router {
     let (routes, document) = api();
     let document = Arc::new(document);
     routes
@@ -126,6 +126,13 @@ pub fn router(app: App) -> Router {
                 async move { Json(document.as_ref().clone()) }
             }),
         )
+        .with_state(app)
+}
+
+/// Adds what every listener's router needs once its routes are merged: GitLab's 404 and 405
+/// bodies, the body limit, the request log, and a 500 instead of a dropped connection.
+pub fn finish(router: Router) -> Router {
+    router
         .fallback(|| async {
             (
                 http::StatusCode::NOT_FOUND,
@@ -146,7 +153,11 @@ pub fn router(app: App) -> Router {
                 Error::Internal("panic".into()).into_response()
             },
         ))
-        .with_state(app)
+}
+
+/// The REST router alone, finished.
+pub fn router(app: App) -> Router {
+    finish(routes(app))
 }
 
 /// One log line per request: method, route template, status, duration. Never the query

@@ -105,6 +105,8 @@ pub enum TokenCreated {
 pub struct NewUrlConfiguration {
     /// The agent.
     pub agent_id: Id,
+    /// The agent's project.
+    pub project_id: Id,
     /// URL.
     pub url: String,
     /// JWT mode: the public key.
@@ -258,6 +260,17 @@ pub trait Store: Send + Sync + 'static {
     async fn delete_url_configuration(&self, agent_id: Id, id: Id) -> Result<bool>;
     /// The sealed secret of a URL configuration.
     async fn url_configuration_secret(&self, id: Id) -> Result<Option<SealedSecret>>;
+    /// An agent by id, whatever its project.
+    async fn agent_by_id(&self, agent_id: Id) -> Result<Option<Agent>>;
+    /// A URL configuration by id.
+    async fn url_configuration_by_id(&self, id: Id) -> Result<Option<UrlConfiguration>>;
+    /// URL configurations by id, optionally of one project and/or one agent.
+    async fn list_url_configurations(
+        &self,
+        project_id: Option<Id>,
+        agent_id: Option<Id>,
+        page: PageRequest,
+    ) -> Result<Paged<UrlConfiguration>>;
     /// Every URL configuration, for the dialer.
     async fn all_url_configurations(&self) -> Result<Vec<UrlConfiguration>>;
     /// The agent token with this digest, whatever its status.

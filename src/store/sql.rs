@@ -262,8 +262,9 @@ impl TryFrom<TokenRow> for AgentToken {
 /// Columns of a URL configuration (never its sealed secrets).
 macro_rules! url_configuration_select {
     () => {
-        "SELECT id, agent_id, url, public_key, client_cert, ca_cert, tls_host, \
-         created_by_user_id, created_at FROM agent_url_configurations "
+        "SELECT c.id, c.agent_id, a.project_id, c.url, c.public_key, c.client_cert, c.ca_cert, \
+         c.tls_host, c.created_by_user_id, c.created_at FROM agent_url_configurations c \
+         JOIN cluster_agents a ON a.id = c.agent_id "
     };
 }
 
@@ -271,6 +272,7 @@ macro_rules! url_configuration_select {
 pub(crate) struct UrlConfigurationRow {
     id: i64,
     agent_id: i64,
+    project_id: i64,
     url: String,
     public_key: Option<String>,
     client_cert: Option<String>,
@@ -285,6 +287,7 @@ impl From<UrlConfigurationRow> for UrlConfiguration {
         UrlConfiguration {
             id: row.id,
             agent_id: row.agent_id,
+            project_id: row.project_id,
             url: row.url,
             public_key: row.public_key,
             client_cert: row.client_cert,
@@ -1011,6 +1014,7 @@ macro_rules! sql_store {
                 Ok(UrlConfiguration {
                     id,
                     agent_id: config.agent_id,
+                    project_id: config.project_id,
                     url: config.url,
                     public_key: config.public_key,
                     client_cert: config.client_cert,
@@ -1024,7 +1028,7 @@ macro_rules! sql_store {
             async fn url_configurations(&self, agent_id: Id) -> Result<Vec<UrlConfiguration>> {
                 let rows: Vec<UrlConfigurationRow> = sqlx::query_as(concat!(
                     url_configuration_select!(),
-                    "WHERE agent_id = $1 ORDER BY id"
+                    "WHERE c.agent_id = $1 ORDER BY c.id"
                 ))
                 .bind(agent_id)
                 .fetch_all(&self.pool)
@@ -1040,7 +1044,7 @@ macro_rules! sql_store {
             ) -> Result<Option<UrlConfiguration>> {
                 let row: Option<UrlConfigurationRow> = sqlx::query_as(concat!(
                     url_configuration_select!(),
-                    "WHERE agent_id = $1 AND id = $2"
+                    "WHERE c.agent_id = $1 AND c.id = $2"
                 ))
                 .bind(agent_id)
                 .bind(id)
@@ -1073,9 +1077,65 @@ macro_rules! sql_store {
                 Ok(row.and_then(|row| row.into_secrets().next()))
             }
 
+            async fn agent_by_id(&self, agent_id: Id) -> Result<Option<Agent>> {
+                let row: Option<AgentRow> =
+                    sqlx::query_as(concat!(agent_select!(), "WHERE a.id = $1"))
+                        .bind(agent_id)
+                        .fetch_optional(&self.pool)
+                        .await
+                        .map_err(map_sqlx)?;
+                Ok(row.map(Agent::from))
+            }
+
+            async fn url_configuration_by_id(&self, id: Id) -> Result<Option<UrlConfiguration>> {
+                let row: Option<UrlConfigurationRow> =
+                    sqlx::query_as(concat!(url_configuration_select!(), "WHERE c.id = $1"))
+                        .bind(id)
+                        .fetch_optional(&self.pool)
+                        .await
+                        .map_err(map_sqlx)?;
+                Ok(row.map(UrlConfiguration::from))
+            }
+
+            async fn list_url_configurations(
+                &self,
+                project_id: Option<Id>,
+                agent_id: Option<Id>,
+                page: PageRequest,
+            ) -> Result<Paged<UrlConfiguration>> {
+                let rows: Vec<UrlConfigurationRow> = sqlx::query_as(concat!(
+                    url_configuration_select!(),
+                    "WHERE (CAST($1 AS BIGINT) IS NULL OR a.project_id = $1) \
+                     AND (CAST($2 AS BIGINT) IS NULL OR c.agent_id = $2) \
+                     ORDER BY c.id LIMIT $3 OFFSET $4"
+                ))
+                .bind(project_id)
+                .bind(agent_id)
+                .bind(page.per_page)
+                .bind(page.offset())
+                .fetch_all(&self.pool)
+                .await
+                .map_err(map_sqlx)?;
+                let total: i64 = sqlx::query_scalar(
+                    "SELECT COUNT(*) FROM agent_url_configurations c \
+                     JOIN cluster_agents a ON a.id = c.agent_id \
+                     WHERE (CAST($1 AS BIGINT) IS NULL OR a.project_id = $1) \
+                     AND (CAST($2 AS BIGINT) IS NULL OR c.agent_id = $2)",
+                )
+                .bind(project_id)
+                .bind(agent_id)
+                .fetch_one(&self.pool)
+                .await
+                .map_err(map_sqlx)?;
+                Ok(Paged {
+                    items: rows.into_iter().map(UrlConfiguration::from).collect(),
+                    total,
+                })
+            }
+
             async fn all_url_configurations(&self) -> Result<Vec<UrlConfiguration>> {
                 let rows: Vec<UrlConfigurationRow> =
-                    sqlx::query_as(concat!(url_configuration_select!(), "ORDER BY id"))
+                    sqlx::query_as(concat!(url_configuration_select!(), "ORDER BY c.id"))
                         .fetch_all(&self.pool)
                         .await
                         .map_err(map_sqlx)?;
