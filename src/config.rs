@@ -50,6 +50,8 @@ pub struct Config {
     pub gitlab_secret: Option<zeroize::Zeroizing<Vec<u8>>>,
     /// A separate listener for gRPC only (gRPC is always served on `listen` too).
     pub grpc_listen: Option<SocketAddr>,
+    /// TLS certificate and key files for the listeners (read again when they change).
+    pub tls: Option<(PathBuf, PathBuf)>,
 }
 
 impl std::fmt::Debug for Config {
@@ -76,6 +78,7 @@ impl std::fmt::Debug for Config {
                 &self.gitlab_secret.as_ref().map(|_| "[REDACTED]"),
             )
             .field("grpc_listen", &self.grpc_listen)
+            .field("tls", &self.tls)
             .finish()
     }
 }
@@ -109,6 +112,7 @@ impl Config {
             dialer: crate::dialer::DialerSettings::default(),
             gitlab_secret: None,
             grpc_listen: None,
+            tls: None,
         }
     }
 }
@@ -144,6 +148,8 @@ const KNOWN_ENV: &[&str] = &[
     "KAS_GATEWAY_RECEPTIVE_AGENTS",
     "KAS_GATEWAY_GITLAB_SECRET_FILE",
     "KAS_GATEWAY_GRPC_LISTEN",
+    "KAS_GATEWAY_TLS_CERT_FILE",
+    "KAS_GATEWAY_TLS_KEY_FILE",
 ];
 
 /// Configuration flags shared by `serve`, `migrate` and `admin`.
@@ -213,6 +219,12 @@ pub struct ConfigArgs {
     /// A separate gRPC-only listener [default: none; gRPC shares the HTTP listener].
     #[arg(long, env = "KAS_GATEWAY_GRPC_LISTEN", global = true)]
     pub grpc_listen: Option<SocketAddr>,
+    /// TLS certificate (PEM chain) for the listeners; with --tls-key-file.
+    #[arg(long, env = "KAS_GATEWAY_TLS_CERT_FILE", global = true)]
+    pub tls_cert_file: Option<PathBuf>,
+    /// TLS private key (PEM) for the listeners.
+    #[arg(long, env = "KAS_GATEWAY_TLS_KEY_FILE", global = true)]
+    pub tls_key_file: Option<PathBuf>,
 }
 
 /// The TOML file's keys: the same names as the flags, with underscores.
@@ -234,6 +246,8 @@ struct FileConfig {
     receptive_agents: Option<bool>,
     gitlab_secret_file: Option<PathBuf>,
     grpc_listen: Option<SocketAddr>,
+    tls_cert_file: Option<PathBuf>,
+    tls_key_file: Option<PathBuf>,
 }
 
 impl ConfigArgs {
@@ -313,6 +327,14 @@ impl ConfigArgs {
                 .map(|path| read_gitlab_secret(&path))
                 .transpose()?,
             grpc_listen: self.grpc_listen.or(file.grpc_listen),
+            tls: match (
+                self.tls_cert_file.or(file.tls_cert_file),
+                self.tls_key_file.or(file.tls_key_file),
+            ) {
+                (Some(cert), Some(key)) => Some((cert, key)),
+                (None, None) => None,
+                _ => bail!("give both the TLS certificate file and the TLS key file, or neither"),
+            },
         })
     }
 }

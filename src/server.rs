@@ -148,14 +148,24 @@ pub async fn start(
     let (store, service) = open_service(config, clock).await?;
     bootstrap(&service, config).await?;
 
+    let tls = match &config.tls {
+        None => None,
+        Some((cert, key)) => {
+            let reloading = crate::tls::ReloadingCert::new(cert.clone(), key.clone())
+                .context("loading the listeners' TLS certificate")?;
+            reloading.watch(std::time::Duration::from_secs(2), shutdown.child_token());
+            Some(crate::tls::server_config(reloading)?)
+        }
+    };
     let listener = TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("listening on {}", config.listen))?;
     let addr = listener.local_addr()?;
+    let scheme = if tls.is_some() { "https" } else { "http" };
     let external_url = config
         .external_url
         .clone()
-        .unwrap_or_else(|| format!("http://{addr}"));
+        .unwrap_or_else(|| format!("{scheme}://{addr}"));
     let app = rest::App {
         service: service.clone(),
         external_url: Arc::from(external_url.as_str()),
@@ -165,7 +175,7 @@ pub async fn start(
         shutdown.child_token(),
     );
     let router = rest::finish(rest::routes(app).merge(grpc.clone()));
-    tracing::info!(%addr, %external_url, serves = "REST and gRPC", "listening");
+    tracing::info!(%addr, %external_url, serves = "REST and gRPC", tls = tls.is_some(), "listening");
     let grpc_addr = match config.grpc_listen {
         None => None,
         Some(grpc_listen) => {
@@ -173,16 +183,13 @@ pub async fn start(
                 .await
                 .with_context(|| format!("listening on {grpc_listen}"))?;
             let grpc_addr = listener.local_addr()?;
-            tracing::info!(addr = %grpc_addr, serves = "gRPC", "listening");
-            let stop = shutdown.clone();
-            tokio::spawn(async move {
-                let served = axum::serve(listener, rest::finish(grpc))
-                    .with_graceful_shutdown(stop.cancelled_owned())
-                    .await;
-                if let Err(error) = served {
-                    tracing::error!(%error, "the gRPC listener failed");
-                }
-            });
+            tracing::info!(addr = %grpc_addr, serves = "gRPC", tls = tls.is_some(), "listening");
+            tokio::spawn(serve_listener(
+                listener,
+                rest::finish(grpc),
+                tls.clone(),
+                shutdown.clone(),
+            ));
             Some(grpc_addr)
         }
     };
@@ -195,16 +202,14 @@ pub async fn start(
         )
     });
     let task = tokio::spawn(async move {
-        let served = axum::serve(listener, router)
-            .with_graceful_shutdown(shutdown.cancelled_owned())
-            .await;
+        serve_listener(listener, router, tls, shutdown).await;
         // Sessions are hung up before the database closes.
         if let Some(dialer) = dialer {
             let _ = dialer.await;
         }
         store.close().await;
         tracing::info!("stopped");
-        served.context("serving HTTP")
+        Ok(())
     });
     Ok(Server {
         addr,
@@ -213,6 +218,36 @@ pub async fn start(
         service,
         task,
     })
+}
+
+/// Serves `router` on `listener`, over TLS when configured, until `shutdown`; in-flight
+/// requests finish first.
+async fn serve_listener(
+    listener: TcpListener,
+    router: axum::Router,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    shutdown: CancellationToken,
+) {
+    match tls {
+        Some(config) => {
+            crate::tls::serve(
+                listener,
+                config,
+                router,
+                shutdown,
+                std::time::Duration::from_secs(30),
+            )
+            .await;
+        }
+        None => {
+            let served = axum::serve(listener, router)
+                .with_graceful_shutdown(shutdown.cancelled_owned())
+                .await;
+            if let Err(error) = served {
+                tracing::error!(%error, "the listener failed");
+            }
+        }
+    }
 }
 
 /// Cancels `token` on SIGINT or SIGTERM.

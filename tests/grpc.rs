@@ -523,3 +523,84 @@ async fn sessions(#[values(Backend::Sqlite, Backend::Postgres)] backend: Backend
         .unwrap_err();
     assert_eq!(unknown.code(), Code::NotFound);
 }
+
+/// The gateway's own listener over TLS, its certificate replaced without a restart.
+#[rstest]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_listener_with_certificate_reload(#[values(Backend::Sqlite)] backend: Backend) {
+    use kas_gateway::certs::DevCa;
+    use tonic::transport::{Certificate, ClientTlsConfig};
+    let certs = tempfile::tempdir().unwrap();
+    let (cert_path, key_path) = (
+        certs.path().join("tls.pem"),
+        certs.path().join("tls-key.pem"),
+    );
+    // TLS clients check certificates against the real clock: make them valid now.
+    #[allow(clippy::disallowed_methods)]
+    let real_now = time::OffsetDateTime::now_utc();
+    let first_ca = DevCa::new("first", real_now).unwrap();
+    let first = first_ca.server(&["localhost"], real_now).unwrap();
+    std::fs::write(&cert_path, &first.cert).unwrap();
+    std::fs::write(&key_path, &first.key).unwrap();
+    let Some(gw) = Gateway::start_with(backend, |config| {
+        config.tls = Some((cert_path.clone(), key_path.clone()));
+    })
+    .await
+    else {
+        return;
+    };
+    let port = gw.base.rsplit(':').next().unwrap().to_owned();
+    let connect = |ca: String| {
+        let url = format!("https://127.0.0.1:{port}");
+        async move {
+            let tls = ClientTlsConfig::new()
+                .ca_certificate(Certificate::from_pem(ca))
+                .domain_name("localhost");
+            Channel::from_shared(url)
+                .unwrap()
+                .tls_config(tls)
+                .unwrap()
+                .connect()
+                .await
+        }
+    };
+    let list = |channel: Channel| async move {
+        let mut request = tonic::Request::new(pb::ListSessionsRequest::default());
+        request
+            .metadata_mut()
+            .insert("private-token", ROOT_TOKEN.parse().unwrap());
+        SessionsClient::new(channel).list_sessions(request).await
+    };
+    let channel = connect(first_ca.pair().cert).await.unwrap();
+    assert!(list(channel).await.is_ok());
+
+    // Renewed under another CA: new connections get the new certificate.
+    let second_ca = DevCa::new("second", real_now).unwrap();
+    let second = second_ca.server(&["localhost"], real_now).unwrap();
+    std::fs::write(&key_path, &second.key).unwrap();
+    std::fs::write(&cert_path, &second.cert).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        if let Ok(channel) = connect(second_ca.pair().cert).await
+            && list(channel).await.is_ok()
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the new certificate was not served"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let old_trust = match connect(first_ca.pair().cert).await {
+        Ok(channel) => list(channel).await.is_ok(),
+        Err(_) => false,
+    };
+    assert!(!old_trust, "the old certificate is no longer served");
+
+    // A broken pair is ignored: the service keeps its certificate.
+    std::fs::write(&cert_path, "not a certificate").unwrap();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let channel = connect(second_ca.pair().cert).await.unwrap();
+    assert!(list(channel).await.is_ok());
+}
