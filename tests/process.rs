@@ -55,9 +55,11 @@ impl Gateway {
                 sink.lock().unwrap().push(line);
             }
         });
-        let addr = addr_rx
-            .recv_timeout(Duration::from_secs(30))
-            .unwrap_or_else(|_| panic!("the gateway did not start: {:?}", log.lock().unwrap()));
+        let Ok(addr) = addr_rx.recv_timeout(Duration::from_secs(30)) else {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the gateway did not start: {:?}", log.lock().unwrap());
+        };
         Self { child, addr, log }
     }
 

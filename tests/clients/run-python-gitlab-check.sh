@@ -4,17 +4,17 @@
 #
 #   tests/clients/run-python-gitlab-check.sh        # from the repository root
 #
-# Environment: VENV (default .venv), KAS_GATEWAY_BIN (default target/debug/kas-gateway),
+# Environment: VENV (default .venv), GATEWAY_BIN (default target/debug/kas-gateway),
 # PYTHON (default python3). Exits with the check script's status.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 VENV="${VENV:-.venv}"
-KAS_GATEWAY_BIN="${KAS_GATEWAY_BIN:-target/debug/kas-gateway}"
+GATEWAY_BIN="${GATEWAY_BIN:-target/debug/kas-gateway}"
 PYTHON="${PYTHON:-python3}"
 
-if [[ ! -x "$KAS_GATEWAY_BIN" ]]; then
-    echo "error: gateway binary $KAS_GATEWAY_BIN not found (run cargo build, or set KAS_GATEWAY_BIN)" >&2
+if [[ ! -x "$GATEWAY_BIN" ]]; then
+    echo "error: gateway binary $GATEWAY_BIN not found (run cargo build, or set GATEWAY_BIN)" >&2
     exit 2
 fi
 
@@ -43,7 +43,7 @@ url="http://127.0.0.1:$port"
 KAS_GATEWAY_DATA_DIR="$data_dir" \
 KAS_GATEWAY_LISTEN="127.0.0.1:$port" \
 KAS_GATEWAY_BOOTSTRAP_TOKEN="$token" \
-    "$KAS_GATEWAY_BIN" serve >"$data_dir/server.log" 2>&1 &
+    "$GATEWAY_BIN" serve >"$data_dir/server.log" 2>&1 &
 server_pid=$!
 
 # Wait for readiness (30 s).
