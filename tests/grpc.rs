@@ -604,3 +604,36 @@ async fn tls_listener_with_certificate_reload(#[values(Backend::Sqlite)] backend
     let channel = connect(second_ca.pair().cert).await.unwrap();
     assert!(list(channel).await.is_ok());
 }
+
+/// The database gone: calls answer UNAVAILABLE and health turns NOT_SERVING.
+#[rstest]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unavailable_store(#[values(Backend::Postgres)] backend: Backend) {
+    let Some(mut gw) = gateway(backend).await else {
+        return;
+    };
+    drop(gw.pg.take()); // DROP DATABASE … WITH (FORCE)
+    let mut agents = AgentsClient::new(channel(&gw).await);
+    let error = agents
+        .get_agent(signed(pb::GetAgentRequest { agent_id: 1 }))
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), Code::Unavailable, "{error:?}");
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel(&gw).await);
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let status = health
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .unwrap();
+        if status.get_ref().status()
+            == tonic_health::pb::health_check_response::ServingStatus::NotServing
+        {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "health still SERVING");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

@@ -159,14 +159,10 @@ async fn readiness_fails_when_the_database_goes_away(
         503,
         json!({"status": "failed", "db_check": [{"status": "failed", "message": "database unreachable"}]}),
     );
-    // A request that needs the database is a 5xx with GitLab's body, not a hang or a crash.
-    let reply = gw.get(ROOT_TOKEN, "/api/v4/user").await;
-    assert!(reply.status.is_server_error(), "{}", reply.text);
-    assert!(
-        reply.body["message"].as_str().unwrap().starts_with("50"),
-        "{}",
-        reply.text
-    );
+    // A request that needs the database is a 503 with GitLab's body, not a hang or a crash.
+    gw.get(ROOT_TOKEN, "/api/v4/user")
+        .await
+        .expect(503, json!({"message": "503 Service Unavailable"}));
 }
 
 #[rstest]

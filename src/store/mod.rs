@@ -307,8 +307,18 @@ pub(crate) fn map_sqlx(error: sqlx::Error) -> crate::domain::Error {
         sqlx::Error::Database(db) if db.is_foreign_key_violation() => {
             Error::NotFound(Missing::Record)
         }
-        sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) => {
-            Error::Unavailable(error.to_string())
+        sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_) => Error::Unavailable(error.to_string()),
+        // PostgreSQL: connection exceptions (08…), shutdowns (57P…), the database gone (3D000).
+        sqlx::Error::Database(db)
+            if db
+                .code()
+                .is_some_and(|c| c.starts_with("08") || c.starts_with("57P") || c == "3D000") =>
+        {
+            Error::Unavailable(db.to_string())
         }
         other => Error::Internal(other.to_string()),
     }
