@@ -172,6 +172,15 @@ async fn users_and_personal_tokens(#[values(Backend::Sqlite, Backend::Postgres)]
             .err(),
         Some(Error::Conflict)
     );
+    let later = Timestamp::from_millis(START.as_millis() + 5_000);
+    s.store.touch_personal_token(token.id, later).await.unwrap();
+    let (found, _) = s
+        .store
+        .personal_token(&TokenDigest::of("secret"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(found.last_used_at, Some(later));
 }
 
 #[rstest]

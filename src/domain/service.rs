@@ -325,6 +325,14 @@ impl Service {
         if !allowed {
             return Err(Error::InsufficientScope);
         }
+        // Record the use at most once a minute, so that reads stay reads.
+        let now = self.now();
+        if pat
+            .last_used_at
+            .is_none_or(|last| now.as_millis() - last.as_millis() >= 60_000)
+        {
+            self.store.touch_personal_token(pat.id, now).await?;
+        }
         Ok(Caller {
             user,
             operator: false,

@@ -177,6 +177,9 @@ pub trait Store: Send + Sync + 'static {
         digest: &TokenDigest,
     ) -> Result<Option<(PersonalAccessToken, User)>>;
 
+    /// Records that a personal access token authenticated a request at `at`.
+    async fn touch_personal_token(&self, token_id: Id, at: Timestamp) -> Result<()>;
+
     /// Creates a project and makes its creator Owner, unless the name or path is taken.
     async fn create_project(&self, project: NewProject) -> Result<Result<Project, ProjectTaken>>;
     /// A project by id.

@@ -530,6 +530,16 @@ macro_rules! sql_store {
                 Ok(row.map(PersonalTokenRow::into_domain))
             }
 
+            async fn touch_personal_token(&self, token_id: Id, at: Timestamp) -> Result<()> {
+                sqlx::query("UPDATE personal_access_tokens SET last_used_at = $2 WHERE id = $1")
+                    .bind(token_id)
+                    .bind(at.as_millis())
+                    .execute(&self.pool)
+                    .await
+                    .map_err(map_sqlx)?;
+                Ok(())
+            }
+
             async fn create_project(
                 &self,
                 project: NewProject,
