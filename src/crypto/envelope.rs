@@ -114,11 +114,6 @@ impl Keyring {
         self.keys.first().map_or("", |k| k.id.as_str())
     }
 
-    /// The ids of every key, active first.
-    pub fn ids(&self) -> impl Iterator<Item = &str> {
-        self.keys.iter().map(|k| k.id.as_str())
-    }
-
     /// Encrypts `plaintext` for `place` under the active key.
     pub fn seal(
         &self,

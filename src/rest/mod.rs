@@ -155,11 +155,6 @@ pub fn finish(router: Router) -> Router {
         ))
 }
 
-/// The REST router alone, finished.
-pub fn router(app: App) -> Router {
-    finish(routes(app))
-}
-
 /// One log line per request: method, route template, status, duration. Never the query
 /// string, which may carry a token.
 async fn log_request(request: Request, next: Next) -> Response {
