@@ -150,6 +150,10 @@ const KNOWN_ENV: &[&str] = &[
     "KAS_GATEWAY_GRPC_LISTEN",
     "KAS_GATEWAY_TLS_CERT_FILE",
     "KAS_GATEWAY_TLS_KEY_FILE",
+    "KAS_GATEWAY_DIALER_HEARTBEAT_SECONDS",
+    "KAS_GATEWAY_DIALER_KEEPALIVE_SECONDS",
+    "KAS_GATEWAY_DIALER_RESYNC_SECONDS",
+    "KAS_GATEWAY_DIALER_CONNECT_TIMEOUT_SECONDS",
 ];
 
 /// Configuration flags shared by `serve`, `migrate` and `admin`.
@@ -225,6 +229,22 @@ pub struct ConfigArgs {
     /// TLS private key (PEM) for the listeners.
     #[arg(long, env = "KAS_GATEWAY_TLS_KEY_FILE", global = true)]
     pub tls_key_file: Option<PathBuf>,
+    /// Seconds between the dialer's heartbeats on each session [default: 15].
+    #[arg(long, env = "KAS_GATEWAY_DIALER_HEARTBEAT_SECONDS", global = true)]
+    pub dialer_heartbeat_seconds: Option<u64>,
+    /// Seconds between HTTP/2 keepalive pings to agents [default: 55].
+    #[arg(long, env = "KAS_GATEWAY_DIALER_KEEPALIVE_SECONDS", global = true)]
+    pub dialer_keepalive_seconds: Option<u64>,
+    /// Seconds between full resynchronisations of the dialer with the store [default: 300].
+    #[arg(long, env = "KAS_GATEWAY_DIALER_RESYNC_SECONDS", global = true)]
+    pub dialer_resync_seconds: Option<u64>,
+    /// Seconds for DNS, TCP and TLS when dialling an agent [default: 10].
+    #[arg(
+        long,
+        env = "KAS_GATEWAY_DIALER_CONNECT_TIMEOUT_SECONDS",
+        global = true
+    )]
+    pub dialer_connect_timeout_seconds: Option<u64>,
 }
 
 /// The TOML file's keys: the same names as the flags, with underscores.
@@ -248,6 +268,10 @@ struct FileConfig {
     grpc_listen: Option<SocketAddr>,
     tls_cert_file: Option<PathBuf>,
     tls_key_file: Option<PathBuf>,
+    dialer_heartbeat_seconds: Option<u64>,
+    dialer_keepalive_seconds: Option<u64>,
+    dialer_resync_seconds: Option<u64>,
+    dialer_connect_timeout_seconds: Option<u64>,
 }
 
 impl ConfigArgs {
@@ -320,7 +344,15 @@ impl ConfigArgs {
                 .receptive_agents
                 .or(file.receptive_agents)
                 .unwrap_or(true),
-            dialer: crate::dialer::DialerSettings::default(),
+            dialer: dialer_settings(
+                self.dialer_heartbeat_seconds
+                    .or(file.dialer_heartbeat_seconds),
+                self.dialer_keepalive_seconds
+                    .or(file.dialer_keepalive_seconds),
+                self.dialer_resync_seconds.or(file.dialer_resync_seconds),
+                self.dialer_connect_timeout_seconds
+                    .or(file.dialer_connect_timeout_seconds),
+            )?,
             gitlab_secret: self
                 .gitlab_secret_file
                 .or(file.gitlab_secret_file)
@@ -337,6 +369,34 @@ impl ConfigArgs {
             },
         })
     }
+}
+
+/// The dialer's settings, with the configured intervals (seconds, at least 1).
+fn dialer_settings(
+    heartbeat: Option<u64>,
+    keepalive: Option<u64>,
+    resync: Option<u64>,
+    connect_timeout: Option<u64>,
+) -> anyhow::Result<crate::dialer::DialerSettings> {
+    use std::time::Duration;
+    let mut settings = crate::dialer::DialerSettings::default();
+    for (name, value, field) in [
+        ("heartbeat", heartbeat, &mut settings.heartbeat_interval),
+        ("keepalive", keepalive, &mut settings.keepalive),
+        ("resync", resync, &mut settings.resync_interval),
+        (
+            "connect timeout",
+            connect_timeout,
+            &mut settings.connect_timeout,
+        ),
+    ] {
+        match value {
+            Some(0) => bail!("the dialer {name} must be at least one second"),
+            Some(seconds) => *field = Duration::from_secs(seconds),
+            None => {}
+        }
+    }
+    Ok(settings)
 }
 
 /// Reads GitLab's KAS secret file: base64 of 32 random bytes.
@@ -416,6 +476,18 @@ mod tests {
     fn unknown_file_keys_are_refused() {
         let parsed = toml::from_str::<FileConfig>("listen = \"127.0.0.1:1\"\nlisten_port = 3\n");
         assert!(parsed.is_err());
+    }
+
+    #[test]
+    fn dialer_intervals() {
+        let settings = dialer_settings(Some(5), None, Some(60), None).unwrap();
+        assert_eq!(
+            settings.heartbeat_interval,
+            std::time::Duration::from_secs(5)
+        );
+        assert_eq!(settings.resync_interval, std::time::Duration::from_secs(60));
+        assert_eq!(settings.keepalive, std::time::Duration::from_secs(55));
+        assert!(dialer_settings(Some(0), None, None, None).is_err());
     }
 
     #[test]

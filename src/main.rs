@@ -21,8 +21,6 @@ use kas_gateway::{server, telemetry};
     about = "The GitLab side of receptive Kubernetes agents"
 )]
 struct Cli {
-    #[command(flatten)]
-    config: ConfigArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -30,17 +28,30 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Runs the gateway.
-    Serve,
+    Serve(WithConfig),
     /// Applies database migrations and exits.
-    Migrate,
+    Migrate(WithConfig),
     /// Administration of users, tokens, projects, members and encryption keys.
-    #[command(subcommand)]
-    Admin(Admin),
+    Admin(AdminArgs),
     /// Certificates for trying the gateway out.
     #[command(subcommand)]
     Certs(Certs),
     /// Serves simulated receptive agents, to check connectivity or to load a gateway.
     AgentSim(AgentSimArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct WithConfig {
+    #[command(flatten)]
+    config: ConfigArgs,
+}
+
+#[derive(clap::Args, Debug)]
+struct AdminArgs {
+    #[command(flatten)]
+    config: ConfigArgs,
+    #[command(subcommand)]
+    action: Admin,
 }
 
 #[derive(clap::Args, Debug)]
@@ -149,37 +160,40 @@ enum Admin {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    if let Command::Certs(Certs::Dev { out, host }) = &cli.command {
-        #[allow(clippy::disallowed_methods)] // certificates are dated by the wall clock
-        let now = time::OffsetDateTime::now_utc();
-        for file in kas_gateway::certs::write_dev_certs(out, host, now)? {
-            println!("wrote {}", file.display());
-        }
-        return Ok(());
-    }
-    if let Command::AgentSim(args) = cli.command {
-        telemetry::init("info", kas_gateway::config::LogFormat::Text)?;
-        return run_agent_sim(args).await;
-    }
-    let config = cli.config.resolve()?;
-    telemetry::init(&config.log_level, config.log_format)?;
     match cli.command {
-        Command::Certs(_) | Command::AgentSim(_) => Ok(()),
-        Command::Serve => {
+        Command::Certs(Certs::Dev { out, host }) => {
+            #[allow(clippy::disallowed_methods)] // certificates are dated by the wall clock
+            let now = time::OffsetDateTime::now_utc();
+            for file in kas_gateway::certs::write_dev_certs(&out, &host, now)? {
+                println!("wrote {}", file.display());
+            }
+            Ok(())
+        }
+        Command::AgentSim(args) => {
+            telemetry::init("info", kas_gateway::config::LogFormat::Text)?;
+            run_agent_sim(args).await
+        }
+        Command::Serve(WithConfig { config }) => {
+            let config = config.resolve()?;
+            telemetry::init(&config.log_level, config.log_format)?;
             let shutdown = CancellationToken::new();
             server::cancel_on_signals(shutdown.clone());
             let running = server::start(&config, Arc::new(SystemClock), shutdown).await?;
             running.wait().await
         }
-        Command::Migrate => {
+        Command::Migrate(WithConfig { config }) => {
+            let config = config.resolve()?;
+            telemetry::init(&config.log_level, config.log_format)?;
             let store = server::open_store(&config).await?;
             store.close().await;
             Ok(())
         }
-        Command::Admin(admin) => {
+        Command::Admin(AdminArgs { config, action }) => {
+            let config = config.resolve()?;
+            telemetry::init(&config.log_level, config.log_format)?;
             let (store, service) = server::open_service(&config, Arc::new(SystemClock)).await?;
             server::bootstrap(&service, &config).await?;
-            let outcome = run_admin(&service, admin).await;
+            let outcome = run_admin(&service, action).await;
             store.close().await;
             outcome
         }
