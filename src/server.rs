@@ -268,7 +268,7 @@ pub fn cancel_on_signals(token: CancellationToken) {
             _ = ctrl_c => {}
             _ = term.recv() => {}
         }
-        tracing::info!("shutting down: finishing in-flight requests");
         token.cancel();
+        tracing::info!("shutting down: finishing in-flight requests");
     });
 }

@@ -15,7 +15,7 @@ Environment:
 Each step prints one line (PASS or FAIL with the reason); the last line is
 "grpc: N passed, M failed". Exit status 0 only if every step passed.
 
-Run it with tests/clients/run-grpc-check.sh, which starts a gateway for it.
+Run it with tests/clients/run-checks.sh grpc, which starts a gateway for it.
 """
 
 import atexit

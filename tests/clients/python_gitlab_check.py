@@ -8,7 +8,7 @@ Environment:
 Each step prints one line (PASS or FAIL with the reason); the last line is
 "python-gitlab: N passed, M failed". Exit status 0 only if every step passed.
 
-Run it with tests/clients/run-python-gitlab-check.sh, which starts a gateway for it.
+Run it with tests/clients/run-checks.sh python-gitlab, which starts a gateway for it.
 """
 
 import os
