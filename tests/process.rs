@@ -32,6 +32,33 @@ fn command(data_dir: &Path) -> Command {
     command
 }
 
+/// `command` with a chosen root token.
+fn with_token(data_dir: &Path, token: &str) -> Command {
+    let mut command = command(data_dir);
+    command.env("KAS_GATEWAY_BOOTSTRAP_TOKEN", token);
+    command
+}
+
+/// Creates project `p` and its agent `a` as `token`; returns the agents' path and the agent.
+async fn project_and_agent(gateway: &Gateway, token: &str) -> (String, Value) {
+    let (_, project) = send(
+        reqwest::Method::POST,
+        &gateway.url("/api/v4/projects"),
+        token,
+        Some(json!({"name": "p"})),
+    )
+    .await;
+    let agents = format!("/api/v4/projects/{}/cluster_agents", project["id"]);
+    let (_, agent) = send(
+        reqwest::Method::POST,
+        &gateway.url(&agents),
+        token,
+        Some(json!({"name": "a"})),
+    )
+    .await;
+    (agents, agent)
+}
+
 impl Gateway {
     fn start(mut command: Command) -> Self {
         let mut child = command
@@ -149,11 +176,7 @@ async fn first_start_writes_the_root_token_to_a_private_file() {
 async fn acknowledged_writes_survive_a_crash() {
     let dir = tempfile::tempdir().unwrap();
     let token = "glpat-crash-test-token-000000000";
-    let mut first = Gateway::start({
-        let mut c = command(dir.path());
-        c.env("KAS_GATEWAY_BOOTSTRAP_TOKEN", token);
-        c
-    });
+    let mut first = Gateway::start(with_token(dir.path(), token));
     let (status, project) = send(
         reqwest::Method::POST,
         &first.url("/api/v4/projects"),
@@ -196,11 +219,7 @@ async fn acknowledged_writes_survive_a_crash() {
 async fn sigterm_lets_in_flight_requests_finish() {
     let dir = tempfile::tempdir().unwrap();
     let token = "glpat-sigterm-test-token-0000000";
-    let mut gateway = Gateway::start({
-        let mut c = command(dir.path());
-        c.env("KAS_GATEWAY_BOOTSTRAP_TOKEN", token);
-        c
-    });
+    let mut gateway = Gateway::start(with_token(dir.path(), token));
     // Start a request and send only half of its body.
     let body = br#"{"name":"in-flight"}"#;
     let mut stream = TcpStream::connect(&gateway.addr).unwrap();
@@ -234,26 +253,8 @@ async fn sigterm_lets_in_flight_requests_finish() {
 async fn secrets_never_reach_the_log() {
     let dir = tempfile::tempdir().unwrap();
     let root = "glpat-log-test-root-token-000000";
-    let mut gateway = Gateway::start({
-        let mut c = command(dir.path());
-        c.env("KAS_GATEWAY_BOOTSTRAP_TOKEN", root);
-        c
-    });
-    let (_, project) = send(
-        reqwest::Method::POST,
-        &gateway.url("/api/v4/projects"),
-        root,
-        Some(json!({"name": "p"})),
-    )
-    .await;
-    let agents = format!("/api/v4/projects/{}/cluster_agents", project["id"]);
-    let (_, agent) = send(
-        reqwest::Method::POST,
-        &gateway.url(&agents),
-        root,
-        Some(json!({"name": "a"})),
-    )
-    .await;
+    let mut gateway = Gateway::start(with_token(dir.path(), root));
+    let (agents, agent) = project_and_agent(&gateway, root).await;
     let (_, token) = send(
         reqwest::Method::POST,
         &gateway.url(&format!("{agents}/{}/tokens", agent["id"])),
@@ -490,26 +491,8 @@ fn certs_dev_writes_a_ca_a_server_and_a_client() {
 async fn rotate_encryption_key_from_the_command_line() {
     let dir = tempfile::tempdir().unwrap();
     let token = "glpat-rotation-test-token-000000";
-    let mut gateway = Gateway::start({
-        let mut c = command(dir.path());
-        c.env("KAS_GATEWAY_BOOTSTRAP_TOKEN", token);
-        c
-    });
-    let (_, project) = send(
-        reqwest::Method::POST,
-        &gateway.url("/api/v4/projects"),
-        token,
-        Some(json!({"name": "p"})),
-    )
-    .await;
-    let agents = format!("/api/v4/projects/{}/cluster_agents", project["id"]);
-    let (_, agent) = send(
-        reqwest::Method::POST,
-        &gateway.url(&agents),
-        token,
-        Some(json!({"name": "a"})),
-    )
-    .await;
+    let mut gateway = Gateway::start(with_token(dir.path(), token));
+    let (agents, agent) = project_and_agent(&gateway, token).await;
     let (status, _) = send(
         reqwest::Method::POST,
         &gateway.url(&format!("{agents}/{}/url_configurations", agent["id"])),

@@ -116,11 +116,6 @@ impl Secrets {
         Ok((Self::with(keyring, KeySource::File(path), rng), generated))
     }
 
-    /// Secrets under a given keyring (tests, tools).
-    pub fn from_keyring(keyring: Keyring) -> Self {
-        Self::with(keyring, KeySource::Configured, SystemRandom::new())
-    }
-
     fn with(keyring: Keyring, source: KeySource, rng: SystemRandom) -> Self {
         Self {
             keyring: RwLock::new(Arc::new(keyring)),

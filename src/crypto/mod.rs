@@ -64,11 +64,6 @@ impl TokenDigest {
         )
     }
 
-    /// Wraps stored digest bytes.
-    pub fn from_bytes(bytes: Vec<u8>) -> Self {
-        Self(bytes)
-    }
-
     /// The digest's bytes.
     pub fn as_bytes(&self) -> &[u8] {
         &self.0
