@@ -1,147 +1,17 @@
 //! The `kas-gateway` binary as an operator runs it: first start, crash, signals, logs, CLI.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-const BIN: &str = env!("CARGO_BIN_EXE_kas-gateway");
+mod common;
 
-/// A running `kas-gateway serve` with its log collected.
-struct Gateway {
-    child: Child,
-    addr: String,
-    log: Arc<Mutex<Vec<String>>>,
-}
-
-fn command(data_dir: &Path) -> Command {
-    let mut command = Command::new(BIN);
-    command
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("KAS_GATEWAY_DATA_DIR", data_dir)
-        .env("KAS_GATEWAY_LISTEN", "127.0.0.1:0")
-        .env("KAS_GATEWAY_LOG_FORMAT", "json")
-        .env("KAS_GATEWAY_LOG_LEVEL", "debug");
-    command
-}
-
-/// `command` with a chosen root token.
-fn with_token(data_dir: &Path, token: &str) -> Command {
-    let mut command = command(data_dir);
-    command.env("KAS_GATEWAY_BOOTSTRAP_TOKEN", token);
-    command
-}
-
-/// Creates project `p` and its agent `a` as `token`; returns the agents' path and the agent.
-async fn project_and_agent(gateway: &Gateway, token: &str) -> (String, Value) {
-    let (_, project) = send(
-        reqwest::Method::POST,
-        &gateway.url("/api/v4/projects"),
-        token,
-        Some(json!({"name": "p"})),
-    )
-    .await;
-    let agents = format!("/api/v4/projects/{}/cluster_agents", project["id"]);
-    let (_, agent) = send(
-        reqwest::Method::POST,
-        &gateway.url(&agents),
-        token,
-        Some(json!({"name": "a"})),
-    )
-    .await;
-    (agents, agent)
-}
-
-impl Gateway {
-    fn start(mut command: Command) -> Self {
-        let mut child = command
-            .arg("serve")
-            .stderr(Stdio::piped())
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
-        let sink = Arc::clone(&log);
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                if let Ok(event) = serde_json::from_str::<Value>(&line)
-                    && event["message"] == "listening"
-                {
-                    let _ = addr_tx.send(event["addr"].as_str().unwrap_or_default().to_owned());
-                }
-                sink.lock().unwrap().push(line);
-            }
-        });
-        let Ok(addr) = addr_rx.recv_timeout(Duration::from_secs(30)) else {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("the gateway did not start: {:?}", log.lock().unwrap());
-        };
-        Self { child, addr, log }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr)
-    }
-
-    fn signal(&self, signal: &str) {
-        let status = Command::new("kill")
-            .args([format!("-{signal}"), self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
-    }
-
-    /// Waits for the process to exit; returns its exit code.
-    fn wait(&mut self) -> Option<i32> {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status.code();
-            }
-            assert!(Instant::now() < deadline, "the gateway did not exit");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn log_text(&self) -> String {
-        self.log.lock().unwrap().join("\n")
-    }
-}
-
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-async fn send(
-    method: reqwest::Method,
-    url: &str,
-    token: &str,
-    body: Option<Value>,
-) -> (u16, Value) {
-    let client = reqwest::Client::new();
-    let mut request = client.request(method, url).header("Private-Token", token);
-    if let Some(body) = body {
-        request = request.json(&body);
-    }
-    let response = request.send().await.unwrap();
-    let status = response.status().as_u16();
-    let text = response.text().await.unwrap();
-    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
-}
+use common::binary::*;
 
 #[tokio::test]
 async fn first_start_writes_the_root_token_to_a_private_file() {

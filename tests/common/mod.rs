@@ -439,3 +439,4 @@ pub fn keys_in_order(text: &str) -> Vec<String> {
     keys.sort();
     keys.into_iter().map(|(_, key)| key).collect()
 }
+pub mod binary;
