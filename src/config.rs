@@ -52,6 +52,8 @@ pub struct Config {
     pub grpc_listen: Option<SocketAddr>,
     /// TLS certificate and key files for the listeners (read again when they change).
     pub tls: Option<(PathBuf, PathBuf)>,
+    /// Connection, stream and time limits of the listeners, and the shutdown drain time.
+    pub limits: crate::listener::Limits,
 }
 
 impl std::fmt::Debug for Config {
@@ -79,6 +81,7 @@ impl std::fmt::Debug for Config {
             )
             .field("grpc_listen", &self.grpc_listen)
             .field("tls", &self.tls)
+            .field("limits", &self.limits)
             .finish()
     }
 }
@@ -113,6 +116,7 @@ impl Config {
             gitlab_secret: None,
             grpc_listen: None,
             tls: None,
+            limits: crate::listener::Limits::default(),
         }
     }
 }
@@ -154,6 +158,14 @@ const KNOWN_ENV: &[&str] = &[
     "KAS_GATEWAY_DIALER_KEEPALIVE_SECONDS",
     "KAS_GATEWAY_DIALER_RESYNC_SECONDS",
     "KAS_GATEWAY_DIALER_CONNECT_TIMEOUT_SECONDS",
+    "KAS_GATEWAY_DIALER_DENIED_NETWORKS",
+    "KAS_GATEWAY_HTTP_HEADER_TIMEOUT_SECONDS",
+    "KAS_GATEWAY_HTTP_BODY_TIMEOUT_SECONDS",
+    "KAS_GATEWAY_HTTP_IDLE_TIMEOUT_SECONDS",
+    "KAS_GATEWAY_HTTP_MAX_CONNECTIONS",
+    "KAS_GATEWAY_HTTP2_MAX_CONCURRENT_STREAMS",
+    "KAS_GATEWAY_SHUTDOWN_DRAIN_SECONDS",
+    "KAS_GATEWAY_SHUTDOWN_BLACKOUT_SECONDS",
 ];
 
 /// Configuration flags shared by `serve`, `migrate` and `admin`.
@@ -245,6 +257,33 @@ pub struct ConfigArgs {
         global = true
     )]
     pub dialer_connect_timeout_seconds: Option<u64>,
+    /// Networks the dialer never connects to, comma-separated CIDRs; empty for none
+    /// [default: link-local, unspecified, multicast and broadcast addresses].
+    #[arg(long, env = "KAS_GATEWAY_DIALER_DENIED_NETWORKS", global = true)]
+    pub dialer_denied_networks: Option<String>,
+    /// Seconds a client has to send a complete request head (and, on a new connection, to
+    /// finish its TLS handshake) [default: 10].
+    #[arg(long, env = "KAS_GATEWAY_HTTP_HEADER_TIMEOUT_SECONDS", global = true)]
+    pub http_header_timeout_seconds: Option<u64>,
+    /// Seconds a client has to send a request body [default: 30].
+    #[arg(long, env = "KAS_GATEWAY_HTTP_BODY_TIMEOUT_SECONDS", global = true)]
+    pub http_body_timeout_seconds: Option<u64>,
+    /// Seconds after which a connection with no request in progress is closed [default: 120].
+    #[arg(long, env = "KAS_GATEWAY_HTTP_IDLE_TIMEOUT_SECONDS", global = true)]
+    pub http_idle_timeout_seconds: Option<u64>,
+    /// Open client connections over all listeners [default: 4096].
+    #[arg(long, env = "KAS_GATEWAY_HTTP_MAX_CONNECTIONS", global = true)]
+    pub http_max_connections: Option<usize>,
+    /// Concurrent HTTP/2 streams (gRPC calls) per connection [default: 100].
+    #[arg(long, env = "KAS_GATEWAY_HTTP2_MAX_CONCURRENT_STREAMS", global = true)]
+    pub http2_max_concurrent_streams: Option<u32>,
+    /// Seconds that open requests and streams get to finish after SIGTERM [default: 20].
+    #[arg(long, env = "KAS_GATEWAY_SHUTDOWN_DRAIN_SECONDS", global = true)]
+    pub shutdown_drain_seconds: Option<u64>,
+    /// Seconds between SIGTERM and closing the listeners, while readiness already answers 503
+    /// [default: 0].
+    #[arg(long, env = "KAS_GATEWAY_SHUTDOWN_BLACKOUT_SECONDS", global = true)]
+    pub shutdown_blackout_seconds: Option<u64>,
 }
 
 /// The TOML file's keys: the same names as the flags, with underscores.
@@ -272,6 +311,14 @@ struct FileConfig {
     dialer_keepalive_seconds: Option<u64>,
     dialer_resync_seconds: Option<u64>,
     dialer_connect_timeout_seconds: Option<u64>,
+    dialer_denied_networks: Option<String>,
+    http_header_timeout_seconds: Option<u64>,
+    http_body_timeout_seconds: Option<u64>,
+    http_idle_timeout_seconds: Option<u64>,
+    http_max_connections: Option<usize>,
+    http2_max_concurrent_streams: Option<u32>,
+    shutdown_drain_seconds: Option<u64>,
+    shutdown_blackout_seconds: Option<u64>,
 }
 
 impl ConfigArgs {
@@ -367,8 +414,83 @@ impl ConfigArgs {
                 (None, None) => None,
                 _ => bail!("give both the TLS certificate file and the TLS key file, or neither"),
             },
+            limits: limits(&LimitArgs {
+                header_timeout: self
+                    .http_header_timeout_seconds
+                    .or(file.http_header_timeout_seconds),
+                body_timeout: self
+                    .http_body_timeout_seconds
+                    .or(file.http_body_timeout_seconds),
+                idle_timeout: self
+                    .http_idle_timeout_seconds
+                    .or(file.http_idle_timeout_seconds),
+                max_connections: self.http_max_connections.or(file.http_max_connections),
+                max_concurrent_streams: self
+                    .http2_max_concurrent_streams
+                    .or(file.http2_max_concurrent_streams),
+                drain: self.shutdown_drain_seconds.or(file.shutdown_drain_seconds),
+                blackout: self
+                    .shutdown_blackout_seconds
+                    .or(file.shutdown_blackout_seconds),
+            })?,
         })
     }
+}
+
+/// The listeners' limits as configured, before defaults.
+#[derive(Debug, Default)]
+struct LimitArgs {
+    header_timeout: Option<u64>,
+    body_timeout: Option<u64>,
+    idle_timeout: Option<u64>,
+    max_connections: Option<usize>,
+    max_concurrent_streams: Option<u32>,
+    drain: Option<u64>,
+    blackout: Option<u64>,
+}
+
+/// The listeners' limits: the configured ones (every one at least 1), defaults for the rest.
+fn limits(args: &LimitArgs) -> anyhow::Result<crate::listener::Limits> {
+    use std::time::Duration;
+    let mut limits = crate::listener::Limits::default();
+    for (name, value, field) in [
+        (
+            "HTTP header timeout",
+            args.header_timeout,
+            &mut limits.header_timeout,
+        ),
+        (
+            "HTTP body timeout",
+            args.body_timeout,
+            &mut limits.body_timeout,
+        ),
+        (
+            "HTTP idle timeout",
+            args.idle_timeout,
+            &mut limits.idle_timeout,
+        ),
+        ("shutdown drain time", args.drain, &mut limits.drain_timeout),
+    ] {
+        match value {
+            Some(0) => bail!("the {name} must be at least one second"),
+            Some(seconds) => *field = Duration::from_secs(seconds),
+            None => {}
+        }
+    }
+    if let Some(seconds) = args.blackout {
+        limits.shutdown_blackout = Duration::from_secs(seconds);
+    }
+    match args.max_connections {
+        Some(0) => bail!("the maximum number of HTTP connections must be at least 1"),
+        Some(n) => limits.max_connections = n,
+        None => {}
+    }
+    match args.max_concurrent_streams {
+        Some(0) => bail!("the maximum number of concurrent HTTP/2 streams must be at least 1"),
+        Some(n) => limits.max_concurrent_streams = n,
+        None => {}
+    }
+    Ok(limits)
 }
 
 /// The dialer's settings, with the configured intervals (seconds, at least 1).
@@ -488,6 +610,32 @@ mod tests {
         assert_eq!(settings.resync_interval, std::time::Duration::from_secs(60));
         assert_eq!(settings.keepalive, std::time::Duration::from_secs(55));
         assert!(dialer_settings(Some(0), None, None, None).is_err());
+    }
+
+    #[test]
+    fn listener_limits() {
+        let configured = limits(&LimitArgs {
+            header_timeout: Some(2),
+            max_concurrent_streams: Some(8),
+            ..LimitArgs::default()
+        })
+        .unwrap();
+        assert_eq!(
+            configured.header_timeout,
+            std::time::Duration::from_secs(2)
+        );
+        assert_eq!(configured.max_concurrent_streams, 8);
+        assert_eq!(
+            configured.idle_timeout,
+            crate::listener::Limits::default().idle_timeout
+        );
+        assert!(
+            limits(&LimitArgs {
+                drain: Some(0),
+                ..LimitArgs::default()
+            })
+            .is_err()
+        );
     }
 
     #[test]

@@ -8,6 +8,7 @@ pub mod crypto;
 pub mod dialer;
 pub mod domain;
 pub mod grpc;
+pub mod listener;
 pub mod proto;
 pub mod rest;
 pub mod server;

@@ -176,10 +176,25 @@ async fn main() -> anyhow::Result<()> {
         Command::Serve(WithConfig { config }) => {
             let config = config.resolve()?;
             telemetry::init(&config.log_level, config.log_format)?;
+            server::raise_file_limit();
             let shutdown = CancellationToken::new();
             server::cancel_on_signals(shutdown.clone());
-            let running = server::start(&config, Arc::new(SystemClock), shutdown).await?;
-            running.wait().await
+            let running = server::start(&config, Arc::new(SystemClock), shutdown.clone()).await?;
+            // The drain time bounds the listeners and the dialer, and closing the database
+            // has its own bound; this is the last resort should anything still hang.
+            let hard_stop = config.limits.shutdown_blackout
+                + config.limits.drain_timeout
+                + std::time::Duration::from_secs(10);
+            tokio::select! {
+                stopped = running.wait() => stopped,
+                () = async {
+                    shutdown.cancelled().await;
+                    tokio::time::sleep(hard_stop).await;
+                } => {
+                    tracing::error!("the shutdown took too long: exiting now");
+                    Ok(())
+                }
+            }
         }
         Command::Migrate(WithConfig { config }) => {
             let config = config.resolve()?;

@@ -4,6 +4,7 @@ use std::io::Write;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use tokio::net::TcpListener;
@@ -14,7 +15,7 @@ use crate::clock::SharedClock;
 use crate::config::{Config, database_kind};
 use crate::crypto::keys::{KeySource, Secrets};
 use crate::domain::{Service, Settings};
-use crate::rest;
+use crate::{listener, rest};
 use crate::store::{self, SharedStore};
 
 /// Name of the file, in the data directory, that receives a generated root token.
@@ -73,8 +74,11 @@ pub async fn open_service(
     config: &Config,
     clock: SharedClock,
 ) -> anyhow::Result<(SharedStore, Service)> {
-    let store = open_store(config).await?;
+    // The keys are checked before the database is touched: a mistake in them must not
+    // leave migrations applied by a gateway that then refuses to start.
+    create_private_dir(&config.data_dir)?;
     let secrets = load_secrets(config)?;
+    let store = open_store(config).await?;
     let settings = Settings {
         receptive_agents: config.receptive_agents,
     };
@@ -138,22 +142,40 @@ impl Server {
     }
 }
 
-/// Opens everything and starts serving; stops when `shutdown` is cancelled, after
-/// in-flight requests finish.
+/// Opens everything and starts serving. Once `requested` is cancelled: readiness turns 503 at
+/// once; after the blackout time the listeners stop accepting and sessions are hung up; open
+/// requests and streams get the drain time to finish; the database is closed.
 pub async fn start(
     config: &Config,
     clock: SharedClock,
-    shutdown: CancellationToken,
+    requested: CancellationToken,
 ) -> anyhow::Result<Server> {
     let (store, service) = open_service(config, clock).await?;
     bootstrap(&service, config).await?;
+
+    let shutdown = CancellationToken::new();
+    {
+        let (requested, shutdown) = (requested.clone(), shutdown.clone());
+        let blackout = config.limits.shutdown_blackout;
+        tokio::spawn(async move {
+            requested.cancelled().await;
+            if !blackout.is_zero() {
+                tracing::info!(
+                    blackout_seconds = blackout.as_secs(),
+                    "readiness now fails; still serving until the blackout ends"
+                );
+                tokio::time::sleep(blackout).await;
+            }
+            shutdown.cancel();
+        });
+    }
 
     let tls = match &config.tls {
         None => None,
         Some((cert, key)) => {
             let reloading = crate::tls::ReloadingCert::new(cert.clone(), key.clone())
                 .context("loading the listeners' TLS certificate")?;
-            reloading.watch(std::time::Duration::from_secs(2), shutdown.child_token());
+            reloading.watch(Duration::from_secs(2), shutdown.child_token());
             Some(crate::tls::server_config(reloading)?)
         }
     };
@@ -169,30 +191,45 @@ pub async fn start(
     let app = rest::App {
         service: service.clone(),
         external_url: Arc::from(external_url.as_str()),
+        shutdown: requested.clone(),
     };
     let grpc = crate::grpc::router(
-        crate::grpc::Api::new(service.clone(), config.gitlab_secret.clone()),
-        shutdown.child_token(),
+        crate::grpc::Api::new(
+            service.clone(),
+            config.gitlab_secret.clone(),
+            shutdown.clone(),
+        ),
+        requested.clone(),
     );
     let router = rest::finish(rest::routes(app).merge(grpc.clone()));
+    let shared = listener::Shared::new(config.limits.clone());
     tracing::info!(%addr, %external_url, serves = "REST and gRPC", tls = tls.is_some(), "listening");
+    let mut listeners = tokio::task::JoinSet::new();
     let grpc_addr = match config.grpc_listen {
         None => None,
         Some(grpc_listen) => {
-            let listener = TcpListener::bind(grpc_listen)
+            let grpc_listener = TcpListener::bind(grpc_listen)
                 .await
                 .with_context(|| format!("listening on {grpc_listen}"))?;
-            let grpc_addr = listener.local_addr()?;
+            let grpc_addr = grpc_listener.local_addr()?;
             tracing::info!(addr = %grpc_addr, serves = "gRPC", tls = tls.is_some(), "listening");
-            tokio::spawn(serve_listener(
-                listener,
-                rest::finish(grpc),
+            listeners.spawn(listener::serve(
+                grpc_listener,
                 tls.clone(),
+                rest::finish(grpc),
+                shared.clone(),
                 shutdown.clone(),
             ));
             Some(grpc_addr)
         }
     };
+    listeners.spawn(listener::serve(
+        listener,
+        tls,
+        router,
+        shared.clone(),
+        shutdown.clone(),
+    ));
 
     let dialer = config.receptive_agents.then(|| {
         crate::dialer::spawn(
@@ -201,13 +238,21 @@ pub async fn start(
             shutdown.child_token(),
         )
     });
+    let drain = shared.limits().drain_timeout;
     let task = tokio::spawn(async move {
-        serve_listener(listener, router, tls, shutdown).await;
-        // Sessions are hung up before the database closes.
-        if let Some(dialer) = dialer {
-            let _ = dialer.await;
+        while listeners.join_next().await.is_some() {}
+        // Sessions are hung up before the database closes; neither may hold the exit up.
+        if let Some(dialer) = dialer
+            && tokio::time::timeout(drain, dialer).await.is_err()
+        {
+            tracing::warn!("the dialer did not stop within the drain time");
         }
-        store.close().await;
+        if tokio::time::timeout(CLOSE_TIMEOUT, store.close())
+            .await
+            .is_err()
+        {
+            tracing::warn!("the database connections did not close in time");
+        }
         tracing::info!("stopped");
         Ok(())
     });
@@ -220,33 +265,16 @@ pub async fn start(
     })
 }
 
-/// Serves `router` on `listener`, over TLS when configured, until `shutdown`; in-flight
-/// requests finish first.
-async fn serve_listener(
-    listener: TcpListener,
-    router: axum::Router,
-    tls: Option<Arc<rustls::ServerConfig>>,
-    shutdown: CancellationToken,
-) {
-    match tls {
-        Some(config) => {
-            crate::tls::serve(
-                listener,
-                config,
-                router,
-                shutdown,
-                std::time::Duration::from_secs(30),
-            )
-            .await;
-        }
-        None => {
-            let served = axum::serve(listener, router)
-                .with_graceful_shutdown(shutdown.cancelled_owned())
-                .await;
-            if let Err(error) = served {
-                tracing::error!(%error, "the listener failed");
-            }
-        }
+/// How long closing the database's connections may take at exit.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Raises the soft limit on open files to the hard limit, as Go's runtime does: every agent
+/// session and every client connection is a file descriptor, and the usual soft limit of 1,024
+/// is far below what a gateway with thousands of agents needs.
+pub fn raise_file_limit() {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => tracing::debug!(limit, "open files limit"),
+        Err(error) => tracing::warn!(%error, "cannot raise the open files limit"),
     }
 }
 

@@ -28,11 +28,18 @@ pub const GITLAB_AUDIENCE: &str = "gitlab-kas";
 /// A GitLab JWT may not live longer than this.
 pub const MAX_JWT_LIFETIME_SECS: i64 = 300;
 
+/// Largest request message of the API: a URL configuration with three PEM fields of at most
+/// 64 KiB each, with room for the rest. Anything larger is refused before it is buffered.
+pub const MAX_REQUEST_BYTES: usize = 256 * 1024;
+/// Largest request message of health checks and reflection, which need no credentials.
+pub const MAX_PUBLIC_REQUEST_BYTES: usize = 4 * 1024;
+
 /// What every gRPC service shares.
 #[derive(Clone)]
 pub struct Api {
     service: Service,
     gitlab_secret: Option<Arc<Zeroizing<Vec<u8>>>>,
+    shutdown: tokio_util::sync::CancellationToken,
 }
 
 impl std::fmt::Debug for Api {
@@ -57,11 +64,17 @@ fn status(error: Error) -> Status {
 }
 
 impl Api {
-    /// The API over `service`; GitLab's JWTs verify with `gitlab_secret` when given.
-    pub fn new(service: Service, gitlab_secret: Option<Zeroizing<Vec<u8>>>) -> Self {
+    /// The API over `service`; GitLab's JWTs verify with `gitlab_secret` when given. Streams
+    /// end with `UNAVAILABLE` once `shutdown` is cancelled.
+    pub fn new(
+        service: Service,
+        gitlab_secret: Option<Zeroizing<Vec<u8>>>,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) -> Self {
         Self {
             service,
             gitlab_secret: gitlab_secret.map(Arc::new),
+            shutdown,
         }
     }
 
@@ -102,6 +115,69 @@ impl Api {
                 });
         }
         Err(unauthenticated())
+    }
+}
+
+/// The caller that [`Authenticated`] found for this call.
+fn caller<T>(request: &Request<T>) -> Result<Caller, Status> {
+    request
+        .extensions()
+        .get::<Caller>()
+        .cloned()
+        .ok_or_else(|| Status::unauthenticated("unauthenticated"))
+}
+
+/// Authenticates every call from its headers before the service reads the request body, so
+/// an unauthenticated client never makes the gateway buffer or decode a message.
+#[derive(Clone, Debug)]
+struct Authenticated<S> {
+    inner: S,
+    api: Api,
+}
+
+impl<S: tonic::server::NamedService> tonic::server::NamedService for Authenticated<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+impl<S> tower::Service<http::Request<tonic::body::Body>> for Authenticated<S>
+where
+    S: tower::Service<
+            http::Request<tonic::body::Body>,
+            Response = http::Response<tonic::body::Body>,
+            Error = std::convert::Infallible,
+        > + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = std::convert::Infallible;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: http::Request<tonic::body::Body>) -> Self::Future {
+        // The ready service answers this call; a fresh clone waits for the next one.
+        let ready = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, ready);
+        let api = self.api.clone();
+        Box::pin(async move {
+            let metadata = MetadataMap::from_headers(request.headers().clone());
+            match api.caller(&metadata).await {
+                Ok(caller) => {
+                    request.extensions_mut().insert(caller);
+                    inner.call(request).await
+                }
+                Err(status) => Ok(status.into_http()),
+            }
+        })
     }
 }
 
@@ -173,7 +249,7 @@ impl UrlConfigurations for Api {
         &self,
         request: Request<pb::CreateUrlConfigurationRequest>,
     ) -> Result<Response<pb::UrlConfiguration>, Status> {
-        let caller = self.caller(request.metadata()).await?;
+        let caller = caller(&request)?;
         let r = request.into_inner();
         let agent = self
             .service
@@ -199,7 +275,7 @@ impl UrlConfigurations for Api {
         &self,
         request: Request<pb::GetUrlConfigurationRequest>,
     ) -> Result<Response<pb::UrlConfiguration>, Status> {
-        let caller = self.caller(request.metadata()).await?;
+        let caller = caller(&request)?;
         let config = self
             .service
             .url_configuration_by_id(&caller, request.get_ref().id)
@@ -212,7 +288,7 @@ impl UrlConfigurations for Api {
         &self,
         request: Request<pb::ListUrlConfigurationsRequest>,
     ) -> Result<Response<pb::ListUrlConfigurationsResponse>, Status> {
-        let caller = self.caller(request.metadata()).await?;
+        let caller = caller(&request)?;
         let r = request.into_inner();
         if r.page < 0 || r.per_page < 0 {
             return Err(Status::invalid_argument(
@@ -232,8 +308,9 @@ impl UrlConfigurations for Api {
             .list_all_url_configurations(&caller, r.project_id, r.agent_id, page)
             .await
             .map_err(status)?;
-        let next_page = if page.page * page.per_page < paged.total {
-            page.page + 1
+        // Saturating: a huge `page` is past the end, not a negative next page.
+        let next_page = if page.page.saturating_mul(page.per_page) < paged.total {
+            page.page.saturating_add(1)
         } else {
             0
         };
@@ -248,7 +325,7 @@ impl UrlConfigurations for Api {
         &self,
         request: Request<pb::DeleteUrlConfigurationRequest>,
     ) -> Result<Response<pb::DeleteUrlConfigurationResponse>, Status> {
-        let caller = self.caller(request.metadata()).await?;
+        let caller = caller(&request)?;
         let config = self
             .service
             .url_configuration_by_id(&caller, request.get_ref().id)
@@ -273,7 +350,7 @@ impl Agents for Api {
         &self,
         request: Request<pb::GetAgentRequest>,
     ) -> Result<Response<pb::GetAgentResponse>, Status> {
-        let caller = self.caller(request.metadata()).await?;
+        let caller = caller(&request)?;
         let agent = self
             .service
             .agent_by_id(&caller, request.get_ref().agent_id)
@@ -330,7 +407,7 @@ impl Sessions for Api {
         &self,
         request: Request<pb::GetSessionRequest>,
     ) -> Result<Response<pb::Session>, Status> {
-        let caller = self.caller(request.metadata()).await?;
+        let caller = caller(&request)?;
         let (config, connection) = self
             .service
             .connection_by_agent(&caller, request.get_ref().agent_id)
@@ -346,7 +423,7 @@ impl Sessions for Api {
         &self,
         request: Request<pb::ListSessionsRequest>,
     ) -> Result<Response<pb::ListSessionsResponse>, Status> {
-        let caller = self.caller(request.metadata()).await?;
+        let caller = caller(&request)?;
         if !caller.is_admin() {
             return Err(Status::permission_denied("permission denied"));
         }
@@ -366,13 +443,14 @@ impl Sessions for Api {
         &self,
         request: Request<pb::WatchSessionsRequest>,
     ) -> Result<Response<Self::WatchSessionsStream>, Status> {
-        let caller = self.caller(request.metadata()).await?;
+        let caller = caller(&request)?;
         if !caller.is_admin() {
             return Err(Status::permission_denied("permission denied"));
         }
         let registry = Arc::clone(self.service.connections());
         let mut changes = registry.subscribe();
         let (tx, rx) = mpsc::channel(64);
+        let shutdown = self.shutdown.clone();
         tokio::spawn(async move {
             for connection in registry.all() {
                 if tx.send(Ok(session(&connection))).await.is_err() {
@@ -382,6 +460,13 @@ impl Sessions for Api {
             loop {
                 let next = tokio::select! {
                     () = tx.closed() => return,
+                    // A clean end the client can act on: watch again, through another replica.
+                    () = shutdown.cancelled() => {
+                        let _ = tx
+                            .send(Err(Status::unavailable("the gateway is shutting down")))
+                            .await;
+                        return;
+                    }
                     next = changes.recv() => next,
                 };
                 match next {
@@ -409,7 +494,7 @@ impl Sessions for Api {
         &self,
         request: Request<pb::DialNowRequest>,
     ) -> Result<Response<pb::Session>, Status> {
-        let caller = self.caller(request.metadata()).await?;
+        let caller = caller(&request)?;
         let r = request.into_inner();
         let (config, current) = self
             .service
@@ -449,7 +534,7 @@ impl Sessions for Api {
         &self,
         request: Request<pb::PingAgentRequest>,
     ) -> Result<Response<pb::PingAgentResponse>, Status> {
-        let caller = self.caller(request.metadata()).await?;
+        let caller = caller(&request)?;
         let r = request.into_inner();
         self.service
             .connection_by_agent(&caller, r.agent_id)
@@ -481,7 +566,7 @@ pub fn router(api: Api, shutdown: tokio_util::sync::CancellationToken) -> axum::
     let store = Arc::clone(api.service.store());
     tokio::spawn(async move {
         loop {
-            let serving = store.ping().await.is_ok();
+            let serving = !shutdown.is_cancelled() && store.ping().await.is_ok();
             for name in [
                 "",
                 "kas_gateway.v1.UrlConfigurations",
@@ -495,8 +580,12 @@ pub fn router(api: Api, shutdown: tokio_util::sync::CancellationToken) -> axum::
                 };
                 reporter.set_service_status(name, status).await;
             }
+            if shutdown.is_cancelled() {
+                return;
+            }
             tokio::select! {
-                () = shutdown.cancelled() => return,
+                // Once more, to say NOT_SERVING while the listeners drain.
+                () = shutdown.cancelled() => {}
                 () = tokio::time::sleep(Duration::from_secs(5)) => {}
             }
         }
@@ -505,12 +594,26 @@ pub fn router(api: Api, shutdown: tokio_util::sync::CancellationToken) -> axum::
         .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1();
-    let mut routes = tonic::service::Routes::new(health)
-        .add_service(UrlConfigurationsServer::new(api.clone()))
-        .add_service(AgentsServer::new(api.clone()))
-        .add_service(SessionsServer::new(api));
+    let mut routes = tonic::service::Routes::new(
+        health.max_decoding_message_size(MAX_PUBLIC_REQUEST_BYTES),
+    )
+    .add_service(Authenticated {
+        inner: UrlConfigurationsServer::new(api.clone())
+            .max_decoding_message_size(MAX_REQUEST_BYTES),
+        api: api.clone(),
+    })
+    .add_service(Authenticated {
+        inner: AgentsServer::new(api.clone()).max_decoding_message_size(MAX_PUBLIC_REQUEST_BYTES),
+        api: api.clone(),
+    })
+    .add_service(Authenticated {
+        inner: SessionsServer::new(api.clone())
+            .max_decoding_message_size(MAX_PUBLIC_REQUEST_BYTES),
+        api: api.clone(),
+    });
     if let Ok(reflection) = reflection {
-        routes = routes.add_service(reflection);
+        routes =
+            routes.add_service(reflection.max_decoding_message_size(MAX_PUBLIC_REQUEST_BYTES));
     }
     routes.prepare().into_axum_router()
 }

@@ -14,12 +14,19 @@ pub async fn liveness() -> Json<serde_json::Value> {
     Json(json!({"status": "ok"}))
 }
 
-/// The process can serve: the database answers.
+/// The process can serve: it is not shutting down and the database answers.
 #[utoipa::path(
     get, path = "/-/readiness", tag = "health",
-    responses((status = 200, description = "Ready"), (status = 503, description = "The database is unreachable"))
+    responses((status = 200, description = "Ready"), (status = 503, description = "Shutting down, or the database is unreachable"))
 )]
 pub async fn readiness(State(app): State<App>) -> Response {
+    if app.shutdown.is_cancelled() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "failed", "message": "shutting down"})),
+        )
+            .into_response();
+    }
     match app.service.store().ping().await {
         Ok(()) => Json(json!({"status": "ok", "db_check": [{"status": "ok"}]})).into_response(),
         Err(error) => {

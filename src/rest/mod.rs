@@ -37,6 +37,8 @@ pub struct App {
     pub service: Service,
     /// Base URL for `Link` headers and `web_url`s, without a trailing slash.
     pub external_url: Arc<str>,
+    /// Cancelled when the gateway starts shutting down (readiness then answers 503).
+    pub shutdown: tokio_util::sync::CancellationToken,
 }
 
 impl IntoResponse for Error {
