@@ -17,6 +17,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
+        // Undecodable messages are INVALID_ARGUMENT, not INTERNAL (see `proto::codec`).
+        .codec_path("crate::proto::codec::StrictCodec")
         .compile_fds(descriptors)?;
     Ok(())
 }

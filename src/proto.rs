@@ -23,3 +23,64 @@ pub mod v1 {
 
 /// The encoded descriptors of every `.proto`, for gRPC reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/descriptors.bin"));
+
+/// The codec of every generated client and server: prost's, except that a message that does
+/// not decode (invalid UTF-8 in a string, a truncated field) is the sender's mistake,
+/// `INVALID_ARGUMENT`, where prost's codec says `INTERNAL`.
+pub mod codec {
+    use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder};
+    use tonic::{Code, Status};
+    use tonic_prost::{ProstCodec, ProstDecoder, ProstEncoder};
+
+    /// prost's codec with decoding errors reported as `INVALID_ARGUMENT`.
+    #[derive(Debug, Clone)]
+    pub struct StrictCodec<T, U>(ProstCodec<T, U>);
+
+    impl<T, U> Default for StrictCodec<T, U> {
+        fn default() -> Self {
+            Self(ProstCodec::default())
+        }
+    }
+
+    impl<T, U> Codec for StrictCodec<T, U>
+    where
+        T: prost::Message + Send + 'static,
+        U: prost::Message + Default + Send + 'static,
+    {
+        type Encode = T;
+        type Decode = U;
+        type Encoder = ProstEncoder<T>;
+        type Decoder = StrictDecoder<U>;
+
+        fn encoder(&mut self) -> Self::Encoder {
+            self.0.encoder()
+        }
+
+        fn decoder(&mut self) -> Self::Decoder {
+            StrictDecoder(self.0.decoder())
+        }
+    }
+
+    /// prost's decoder with decoding errors reported as `INVALID_ARGUMENT`.
+    #[derive(Debug, Clone)]
+    pub struct StrictDecoder<U>(ProstDecoder<U>);
+
+    impl<U: prost::Message + Default> Decoder for StrictDecoder<U> {
+        type Item = U;
+        type Error = Status;
+
+        fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<U>, Status> {
+            self.0.decode(buf).map_err(|status| {
+                if status.code() == Code::Internal {
+                    Status::invalid_argument(status.message())
+                } else {
+                    status
+                }
+            })
+        }
+
+        fn buffer_settings(&self) -> BufferSettings {
+            self.0.buffer_settings()
+        }
+    }
+}

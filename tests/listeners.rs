@@ -497,3 +497,38 @@ async fn readiness_fails_first_during_the_blackout() {
     assert!(signalled.elapsed() >= Duration::from_secs(2));
     assert!(TcpStream::connect(&gateway.addr).await.is_err());
 }
+
+/// `CreateUrlConfigurationRequest` with `url` as raw bytes, to send what a string cannot hold.
+#[derive(Clone, PartialEq, prost::Message)]
+struct RawCreateRequest {
+    #[prost(int64, tag = "1")]
+    agent_id: i64,
+    #[prost(bytes = "vec", tag = "2")]
+    url: Vec<u8>,
+}
+
+/// A message that does not decode (invalid UTF-8 in a string field) is the client's mistake:
+/// `INVALID_ARGUMENT`, never `INTERNAL`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn undecodable_grpc_messages_are_invalid_arguments() {
+    let dir = tempfile::tempdir().unwrap();
+    let gateway = gateway(dir.path(), &[], None);
+    let mut grpc = tonic::client::Grpc::new(grpc_channel(&gateway).await);
+    grpc.ready().await.unwrap();
+    let codec = tonic_prost::ProstCodec::<RawCreateRequest, pb::UrlConfiguration>::default();
+    let path = http::uri::PathAndQuery::from_static(
+        "/kas_gateway.v1.UrlConfigurations/CreateUrlConfiguration",
+    );
+    let status = grpc
+        .unary(
+            with_token_metadata(RawCreateRequest {
+                agent_id: 1,
+                url: b"grpc://\xff\xfe/".to_vec(),
+            }),
+            path,
+            codec,
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+}
