@@ -620,10 +620,7 @@ mod tests {
             ..LimitArgs::default()
         })
         .unwrap();
-        assert_eq!(
-            configured.header_timeout,
-            std::time::Duration::from_secs(2)
-        );
+        assert_eq!(configured.header_timeout, std::time::Duration::from_secs(2));
         assert_eq!(configured.max_concurrent_streams, 8);
         assert_eq!(
             configured.idle_timeout,

@@ -223,7 +223,17 @@ async fn connection(
     let _ = stream.set_nodelay(true);
     let first_request_by = Instant::now() + limits.header_timeout;
     match acceptor {
-        None => http(TokioIo::new(stream), peer, router, &limits, &shutdown, first_request_by).await,
+        None => {
+            http(
+                TokioIo::new(stream),
+                peer,
+                router,
+                &limits,
+                &shutdown,
+                first_request_by,
+            )
+            .await
+        }
         Some(acceptor) => {
             let handshake = tokio::select! {
                 () = shutdown.cancelled() => return,
@@ -231,8 +241,15 @@ async fn connection(
             };
             match handshake {
                 Ok(Ok(tls)) => {
-                    http(TokioIo::new(tls), peer, router, &limits, &shutdown, first_request_by)
-                        .await;
+                    http(
+                        TokioIo::new(tls),
+                        peer,
+                        router,
+                        &limits,
+                        &shutdown,
+                        first_request_by,
+                    )
+                    .await;
                 }
                 Ok(Err(error)) => tracing::debug!(%peer, %error, "TLS handshake failed"),
                 Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
@@ -284,8 +301,7 @@ async fn http<I>(
         // Finds clients that vanished without closing (a dead NAT entry, a crashed host).
         .keep_alive_interval(Some(Duration::from_secs(30)))
         .keep_alive_timeout(Duration::from_secs(20));
-    let connection =
-        builder.serve_connection_with_upgrades(io, TowerToHyperService::new(service));
+    let connection = builder.serve_connection_with_upgrades(io, TowerToHyperService::new(service));
     tokio::pin!(connection);
     let mut closing = false;
     let mut give_up_at: Option<Instant> = None;
@@ -498,7 +514,11 @@ mod tests {
         failures.succeeded();
         assert_eq!(failures.failed(&emfile), Some(Duration::from_millis(5)));
         let reset = std::io::Error::from(std::io::ErrorKind::ConnectionAborted);
-        assert_eq!(failures.failed(&reset), None, "one client's failure never pauses");
+        assert_eq!(
+            failures.failed(&reset),
+            None,
+            "one client's failure never pauses"
+        );
     }
 
     #[test]

@@ -15,8 +15,8 @@ use crate::clock::SharedClock;
 use crate::config::{Config, database_kind};
 use crate::crypto::keys::{KeySource, Secrets};
 use crate::domain::{Service, Settings};
-use crate::{listener, rest};
 use crate::store::{self, SharedStore};
+use crate::{listener, rest};
 
 /// Name of the file, in the data directory, that receives a generated root token.
 pub const ROOT_TOKEN_FILE: &str = "root-token";

@@ -334,6 +334,20 @@ async fn url_configurations_and_agents(
         .unwrap()
         .into_inner();
     assert_eq!(of_nothing.total, 0);
+    // A page far past the end has no next page (and the arithmetic does not overflow).
+    let far = configs
+        .list_url_configurations(signed(pb::ListUrlConfigurationsRequest {
+            page: i64::MAX,
+            per_page: 100,
+            ..Default::default()
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (far.total, far.url_configurations.len(), far.next_page),
+        (2, 0, 0)
+    );
 
     // The agent with its tokens' metadata, never a secret.
     let mut agents = AgentsClient::new(channel(&gw).await);

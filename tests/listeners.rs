@@ -211,7 +211,10 @@ async fn streams_and_connections_are_capped() {
         .unwrap();
     let mut buf = [0u8; 64];
     let early = tokio::time::timeout(Duration::from_secs(1), waiting.read(&mut buf)).await;
-    assert!(early.is_err(), "a fourth connection was served over the cap");
+    assert!(
+        early.is_err(),
+        "a fourth connection was served over the cap"
+    );
     second.shutdown().await.unwrap();
     drop(second);
     let answer = closed_within(&mut waiting, Duration::from_secs(5))
@@ -245,7 +248,8 @@ async fn slow_clients_are_cut_off(#[case] use_tls: bool) {
     // Header tricklers: one byte every 300 ms, never a complete head.
     let tricklers = (0..20).map(|_| async {
         let mut io = connect(&gateway.addr, tls).await;
-        let head = b"GET /api/v4/user HTTP/1.1\r\nHost: x\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+        let head =
+            b"GET /api/v4/user HTTP/1.1\r\nHost: x\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
         for byte in head {
             if io.write_all(&[*byte]).await.is_err() {
                 return true;
@@ -260,7 +264,9 @@ async fn slow_clients_are_cut_off(#[case] use_tls: bool) {
     // Silent clients: a TCP connection (with TLS: a finished handshake) and not one byte.
     let silent = (0..20).map(|_| async {
         let mut io = connect(&gateway.addr, tls).await;
-        closed_within(&mut *io, Duration::from_secs(5)).await.is_some()
+        closed_within(&mut *io, Duration::from_secs(5))
+            .await
+            .is_some()
     });
     // Slow bodies: a complete, authenticated head, then 10 of 100 announced bytes.
     let slow_bodies = (0..10).map(|_| async {
@@ -318,7 +324,9 @@ async fn slow_clients_are_cut_off(#[case] use_tls: bool) {
     io.write_all(b"GET /-/liveness HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         .await
         .unwrap();
-    let answer = closed_within(&mut *io, Duration::from_secs(5)).await.unwrap();
+    let answer = closed_within(&mut *io, Duration::from_secs(5))
+        .await
+        .unwrap();
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
 }
 
@@ -342,7 +350,10 @@ async fn out_of_file_descriptors_the_listener_pauses() {
         .env("KAS_GATEWAY_BOOTSTRAP_TOKEN", TOKEN)
         .env("KAS_GATEWAY_HTTP_HEADER_TIMEOUT_SECONDS", "30")
         .env("KAS_GATEWAY_TLS_CERT_FILE", certs.path().join("server.pem"))
-        .env("KAS_GATEWAY_TLS_KEY_FILE", certs.path().join("server-key.pem"));
+        .env(
+            "KAS_GATEWAY_TLS_KEY_FILE",
+            certs.path().join("server-key.pem"),
+        );
     let gateway = Gateway::start(command);
 
     let mut held = Vec::new();

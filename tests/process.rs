@@ -212,6 +212,40 @@ fn configuration_mistakes_are_refused() {
     );
 }
 
+/// Malformed encryption keys stop `serve` before the database is touched: no file on SQLite,
+/// no table on PostgreSQL.
+#[rstest::rstest]
+#[tokio::test]
+async fn bad_encryption_keys_are_refused_before_migrations(
+    #[values(common::Backend::Sqlite, common::Backend::Postgres)] backend: common::Backend,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let Some((mut command, pg)) = on_backend(command(dir.path()), backend).await else {
+        return;
+    };
+    let output = command
+        .env("KAS_GATEWAY_ENCRYPTION_KEYS", "k1=not-base64!")
+        .arg("serve")
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("encryption keys"), "{stderr}");
+    assert!(!dir.path().join("kas-gateway.db").exists());
+    if let Some(pg) = pg {
+        let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&pg.url)
+            .await
+            .unwrap();
+        let tables: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'public'",
+        )
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+        assert_eq!(tables, 0, "no migration ran");
+    }
+}
+
 #[tokio::test]
 async fn the_admin_cli_sets_a_gateway_up() {
     let dir = tempfile::tempdir().unwrap();

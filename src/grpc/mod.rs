@@ -594,26 +594,25 @@ pub fn router(api: Api, shutdown: tokio_util::sync::CancellationToken) -> axum::
         .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1();
-    let mut routes = tonic::service::Routes::new(
-        health.max_decoding_message_size(MAX_PUBLIC_REQUEST_BYTES),
-    )
-    .add_service(Authenticated {
-        inner: UrlConfigurationsServer::new(api.clone())
-            .max_decoding_message_size(MAX_REQUEST_BYTES),
-        api: api.clone(),
-    })
-    .add_service(Authenticated {
-        inner: AgentsServer::new(api.clone()).max_decoding_message_size(MAX_PUBLIC_REQUEST_BYTES),
-        api: api.clone(),
-    })
-    .add_service(Authenticated {
-        inner: SessionsServer::new(api.clone())
-            .max_decoding_message_size(MAX_PUBLIC_REQUEST_BYTES),
-        api: api.clone(),
-    });
+    let mut routes =
+        tonic::service::Routes::new(health.max_decoding_message_size(MAX_PUBLIC_REQUEST_BYTES))
+            .add_service(Authenticated {
+                inner: UrlConfigurationsServer::new(api.clone())
+                    .max_decoding_message_size(MAX_REQUEST_BYTES),
+                api: api.clone(),
+            })
+            .add_service(Authenticated {
+                inner: AgentsServer::new(api.clone())
+                    .max_decoding_message_size(MAX_PUBLIC_REQUEST_BYTES),
+                api: api.clone(),
+            })
+            .add_service(Authenticated {
+                inner: SessionsServer::new(api.clone())
+                    .max_decoding_message_size(MAX_PUBLIC_REQUEST_BYTES),
+                api: api.clone(),
+            });
     if let Ok(reflection) = reflection {
-        routes =
-            routes.add_service(reflection.max_decoding_message_size(MAX_PUBLIC_REQUEST_BYTES));
+        routes = routes.add_service(reflection.max_decoding_message_size(MAX_PUBLIC_REQUEST_BYTES));
     }
     routes.prepare().into_axum_router()
 }
