@@ -1,7 +1,7 @@
 //! Dialling an agent: DNS, TCP, TLS (rustls, ring) or cleartext HTTP/2, and errors in words
 //! a person can act on.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,6 +11,8 @@ use rustls_pki_types::pem::PemObject;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
+
+use crate::domain::validate::{AgentHost, AgentUrl, UrlProblem};
 
 /// Why an attempt failed, worded for the operator.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -43,8 +45,10 @@ impl DialError {
 /// Where and how to dial.
 #[derive(Clone, Debug)]
 pub struct Target {
-    /// Host of the URL.
+    /// Host of the URL: a name, or an address without brackets.
     pub host: String,
+    /// The host, when it is an address rather than a name.
+    pub address: Option<IpAddr>,
     /// Port of the URL (443 for grpcs, 80 for grpc by default).
     pub port: u16,
     /// `grpcs://`.
@@ -54,33 +58,40 @@ pub struct Target {
 }
 
 impl Target {
-    /// Reads a `grpc://` or `grpcs://` URL.
+    /// Reads a `grpc://` or `grpcs://` URL by the same rules as a new configuration, so a
+    /// row stored before those rules cannot be dialled differently from how it reads. The
+    /// message never repeats the URL, which might carry a password.
     pub fn parse(url: &str, tls_host: Option<&str>) -> Result<Self, DialError> {
-        let parsed = url::Url::parse(url)
-            .map_err(|_| DialError::permanent(format!("{url} is not a valid URL")))?;
-        let tls = match parsed.scheme() {
-            "grpcs" => true,
-            "grpc" => false,
-            other => {
-                return Err(DialError::permanent(format!(
-                    "unsupported scheme {other}://"
-                )));
-            }
+        let parsed = AgentUrl::parse(url).map_err(|problem| {
+            DialError::permanent(match problem {
+                UrlProblem::Credentials => {
+                    "the URL contains a user name or password: configure it again without"
+                }
+                UrlProblem::Invalid => {
+                    "the URL is not a grpc:// or grpcs:// URL of a host and port: configure it again"
+                }
+            })
+        })?;
+        let host = parsed.host_str();
+        let address = match parsed.host {
+            AgentHost::Ip(addr) => Some(addr),
+            AgentHost::Name(_) => None,
         };
-        let host = parsed
-            .host_str()
-            .filter(|h| !h.is_empty())
-            .ok_or_else(|| DialError::permanent(format!("{url} has no host")))?
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_owned();
-        let port = parsed.port().unwrap_or(if tls { 443 } else { 80 });
         Ok(Self {
             server_name: tls_host.unwrap_or(&host).to_owned(),
             host,
-            port,
-            tls,
+            address,
+            port: parsed.port_or_default(),
+            tls: parsed.tls,
         })
+    }
+
+    /// `host:port`, with an IPv6 address in brackets.
+    pub fn authority(&self) -> String {
+        match self.address {
+            Some(IpAddr::V6(addr)) => format!("[{addr}]:{}", self.port),
+            _ => format!("{}:{}", self.host, self.port),
+        }
     }
 }
 
@@ -246,10 +257,7 @@ pub async fn connect(
         Ok(Box::new(tls) as Box<dyn Io>)
     };
     tokio::time::timeout(timeout, attempt).await.map_err(|_| {
-        DialError::transient(format!(
-            "connecting to {}:{} timed out",
-            target.host, target.port
-        ))
+        DialError::transient(format!("connecting to {} timed out", target.authority()))
     })?
 }
 
@@ -334,6 +342,14 @@ mod tests {
         );
         let t = Target::parse("grpcs://[::1]:5", None).unwrap();
         assert_eq!(t.host, "::1");
+        assert_eq!(t.authority(), "[::1]:5");
         assert!(Target::parse("http://x", None).unwrap_err().permanent);
+    }
+
+    #[test]
+    fn stored_urls_never_echo_credentials() {
+        let error = Target::parse("grpcs://user:s3cret@agent:1", None).unwrap_err();
+        assert!(error.permanent);
+        assert!(!error.message.contains("s3cret"), "{error}");
     }
 }

@@ -75,7 +75,7 @@ pub async fn run(
 
     // Hand the connected stream to tonic, once.
     let slot = Arc::new(std::sync::Mutex::new(Some(io)));
-    let endpoint = Endpoint::from_shared(format!("http://{}:{}", target.host, target.port))
+    let endpoint = Endpoint::from_shared(format!("http://{}", target.authority()))
         .map_err(|e| DialError::permanent(format!("invalid endpoint: {e}")))?
         .http2_keep_alive_interval(settings.keepalive)
         .keep_alive_timeout(settings.keepalive_timeout)

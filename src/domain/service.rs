@@ -7,7 +7,7 @@ use time::Date;
 
 use super::error::{Error, Missing, ParamProblem, Result};
 use super::model::*;
-use super::validate;
+use super::validate::{self, AgentUrl, UrlProblem};
 use tokio::sync::Notify;
 
 use crate::clock::SharedClock;
@@ -1155,8 +1155,8 @@ struct CheckedUrlConfiguration {
     tls_host: Option<String>,
 }
 
-/// GitLab's validations, then kas-gateway's: the pair must come together, belong together,
-/// and be in date; a client certificate needs TLS.
+/// GitLab's validations, then kas-gateway's: the URL is stored normalised; the pair must
+/// come together, belong together, and be in date; a client certificate needs TLS.
 fn check_url_configuration(
     input: UrlConfigurationInput,
     now: Timestamp,
@@ -1185,15 +1185,13 @@ fn check_url_configuration(
         return Err(Error::Validation(errors));
     }
 
-    let url = input.url.trim().to_owned();
-    let scheme = url::Url::parse(&url)
-        .ok()
-        .filter(|u| matches!(u.scheme(), "grpc" | "grpcs"))
-        .filter(|u| u.host_str().is_some_and(|h| !h.is_empty()))
-        .map(|u| u.scheme().to_owned());
-    if scheme.is_none() {
-        errors.push("Url is not a valid URL".to_owned());
-    }
+    let url = match AgentUrl::parse(&input.url) {
+        Ok(url) => Some(url),
+        Err(problem) => {
+            errors.push(problem.message().to_owned());
+            None
+        }
+    };
 
     let ca_cert = match ca_cert {
         None => None,
@@ -1244,12 +1242,16 @@ fn check_url_configuration(
         }
         _ => {}
     }
-    if cert.is_some() && scheme.as_deref() == Some("grpc") {
+    if cert.is_some() && url.as_ref().is_some_and(|u| !u.tls) {
         errors.push("Url must use grpcs:// when a client cert is given".to_owned());
     }
     if !errors.is_empty() {
         return Err(Error::Validation(errors));
     }
+    let Some(url) = url else {
+        // A refused URL left its message above; this only keeps the types honest.
+        return Err(Error::invalid(UrlProblem::Invalid.message()));
+    };
     let (client_cert, client_key) = match (cert, key) {
         (Some(Some((cert_pem, _))), Some(Some((key_pem, _)))) => (
             Some(cert_pem),
@@ -1258,7 +1260,7 @@ fn check_url_configuration(
         _ => (None, None),
     };
     Ok(CheckedUrlConfiguration {
-        url,
+        url: url.to_string(),
         client_cert,
         client_key,
         ca_cert,
