@@ -13,6 +13,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
 use crate::domain::validate::{AgentHost, AgentUrl, UrlProblem};
+use crate::domain::{DENIED_NETWORKS_SETTING, DeniedNetworks};
 
 /// Why an attempt failed, worded for the operator.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -213,17 +214,29 @@ pub fn tls_config(
     Ok(Arc::new(config))
 }
 
-/// Resolves, connects (TCP, no delay) and, for `grpcs://`, completes the TLS handshake.
+/// Resolves, drops the addresses in `denied`, connects (TCP, no delay) to the first that
+/// answers and, for `grpcs://`, completes the TLS handshake.
 pub async fn connect(
     target: &Target,
     tls: Option<Arc<ClientConfig>>,
     timeout: Duration,
+    denied: &DeniedNetworks,
 ) -> Result<Box<dyn Io>, DialError> {
     let attempt = async {
-        let addrs: Vec<SocketAddr> = tokio::net::lookup_host((target.host.as_str(), target.port))
-            .await
-            .map_err(|_| DialError::transient(format!("DNS lookup of {} failed", target.host)))?
-            .collect();
+        let resolved: Vec<SocketAddr> =
+            tokio::net::lookup_host((target.host.as_str(), target.port))
+                .await
+                .map_err(|_| DialError::transient(format!("DNS lookup of {} failed", target.host)))?
+                .collect();
+        // Checked here, on the addresses actually dialled, so no name (nor a later change of
+        // its DNS records) can lead past the list; refused ones are never connected to, so
+        // the operator's error says nothing about what answers there.
+        let (addrs, refused): (Vec<SocketAddr>, Vec<SocketAddr>) = resolved
+            .into_iter()
+            .partition(|addr| denied.refusing(addr.ip()).is_none());
+        if addrs.is_empty() && !refused.is_empty() {
+            return Err(refused_destination(&refused, target.address.is_some()));
+        }
         let mut last =
             DialError::transient(format!("DNS lookup of {} found no address", target.host));
         let mut stream = None;
@@ -259,6 +272,29 @@ pub async fn connect(
     tokio::time::timeout(timeout, attempt).await.map_err(|_| {
         DialError::transient(format!("connecting to {} timed out", target.authority()))
     })?
+}
+
+/// The error for a host whose every address is refused. An address in the URL stays refused
+/// until the configuration or the setting changes (and the setting changes only with a
+/// restart), so retrying it is pointless; a name's records may change, so it backs off.
+fn refused_destination(refused: &[SocketAddr], literal: bool) -> DialError {
+    const SHOWN: usize = 3;
+    let mut list = refused
+        .iter()
+        .take(SHOWN)
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ");
+    if refused.len() > SHOWN {
+        list.push_str(&format!(" and {} more", refused.len() - SHOWN));
+    }
+    let plural = if refused.len() > 1 { "s" } else { "" };
+    let message = format!("refused destination{plural} {list} ({DENIED_NETWORKS_SETTING})");
+    if literal {
+        DialError::permanent(message)
+    } else {
+        DialError::transient(message)
+    }
 }
 
 /// Words for a TLS failure.
@@ -351,5 +387,48 @@ mod tests {
         let error = Target::parse("grpcs://user:s3cret@agent:1", None).unwrap_err();
         assert!(error.permanent);
         assert!(!error.message.contains("s3cret"), "{error}");
+    }
+
+    /// Every address refused: no connection is attempted, whatever listens there.
+    #[tokio::test]
+    async fn refused_addresses_are_never_connected() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let denied = DeniedNetworks::new(["127.0.0.0/8".parse().unwrap()]);
+        let target = Target::parse(&format!("grpc://127.0.0.1:{port}"), None).unwrap();
+        let Err(error) = connect(&target, None, Duration::from_secs(2), &denied).await else {
+            panic!("connected to a refused address");
+        };
+        assert_eq!(
+            error,
+            DialError::permanent(format!(
+                "refused destination 127.0.0.1:{port} (KAS_GATEWAY_DIALER_DENIED_NETWORKS)"
+            ))
+        );
+        let accepted = tokio::time::timeout(Duration::from_millis(200), listener.accept()).await;
+        assert!(accepted.is_err(), "the listener was connected to");
+        // The same address through the default list is dialled.
+        let stream = connect(
+            &target,
+            None,
+            Duration::from_secs(2),
+            &DeniedNetworks::default(),
+        )
+        .await;
+        assert!(stream.is_ok());
+    }
+
+    #[test]
+    fn refused_destinations_in_words() {
+        let addrs: Vec<SocketAddr> = ["[::1]:5", "127.0.0.1:5", "127.0.0.2:5", "127.0.0.3:5"]
+            .iter()
+            .map(|a| a.parse().unwrap())
+            .collect();
+        let error = refused_destination(&addrs, false);
+        assert!(!error.permanent);
+        assert_eq!(
+            error.message,
+            "refused destinations [::1]:5, 127.0.0.1:5, 127.0.0.2:5 and 1 more (KAS_GATEWAY_DIALER_DENIED_NETWORKS)"
+        );
     }
 }

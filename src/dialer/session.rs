@@ -63,7 +63,13 @@ pub async fn run(
             (Some(tls), None)
         }
     };
-    let io = connect::connect(&target, tls, settings.connect_timeout).await?;
+    let io = connect::connect(
+        &target,
+        tls,
+        settings.connect_timeout,
+        &settings.denied_networks,
+    )
+    .await?;
     let tls_error = Arc::new(std::sync::Mutex::new(None));
     let io = connect::Recording::new(io, Arc::clone(&tls_error));
     // Words for a failure: a TLS error seen on the wire says more than HTTP/2 can.
