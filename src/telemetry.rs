@@ -1,6 +1,9 @@
 //! Logging with `tracing`: text or JSON lines, filtered by the configured level.
 
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::field::RecordFields;
+use tracing_subscriber::fmt::FormatFields;
+use tracing_subscriber::fmt::format::{DefaultFields, Writer};
 
 use crate::config::LogFormat;
 
@@ -18,8 +21,126 @@ pub fn init(level: &str, format: LogFormat) -> anyhow::Result<()> {
         .log_internal_errors(false)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     let installed = match format {
-        LogFormat::Text => builder.try_init(),
+        LogFormat::Text => builder.fmt_fields(EscapedFields::default()).try_init(),
+        // JSON escapes control characters itself.
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
     };
     installed.map_err(|e| anyhow::anyhow!("installing the log subscriber: {e}"))
+}
+
+/// The text format's fields and message, with control characters escaped: the default
+/// formatter writes `%` values and the message verbatim, so a newline in a value (a URL, a
+/// path, an error from elsewhere) would start a line that looks like the gateway's own.
+/// Field names lose their terminal styling, since escape sequences are escaped too; the level
+/// keeps its colour.
+#[derive(Debug, Default)]
+pub struct EscapedFields {
+    inner: DefaultFields,
+}
+
+impl<'writer> FormatFields<'writer> for EscapedFields {
+    fn format_fields<R: RecordFields>(
+        &self,
+        mut writer: Writer<'writer>,
+        fields: R,
+    ) -> std::fmt::Result {
+        let mut plain = String::new();
+        self.inner.format_fields(Writer::new(&mut plain), fields)?;
+        write_escaped(&mut writer, &plain)
+    }
+}
+
+/// Writes `text` with `\n`, `\r`, `\t` spelt out and every other control character (C0, DEL,
+/// C1), line and paragraph separator and bidirectional override as `\u{..}`.
+pub fn write_escaped(out: &mut impl std::fmt::Write, text: &str) -> std::fmt::Result {
+    for c in text.chars() {
+        match c {
+            '\n' => out.write_str("\\n")?,
+            '\r' => out.write_str("\\r")?,
+            '\t' => out.write_str("\\t")?,
+            c if needs_escape(c) => write!(out, "\\u{{{:x}}}", u32::from(c))?,
+            c => out.write_char(c)?,
+        }
+    }
+    Ok(())
+}
+
+/// Characters that move the cursor, end a line in some viewer, or reorder what follows.
+fn needs_escape(c: char) -> bool {
+    c.is_control()
+        || matches!(
+            c,
+            '\u{2028}' | '\u{2029}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}'
+        )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// What the text format writes for whatever `log` emits.
+    fn text_log(ansi: bool, log: impl FnOnce()) -> String {
+        let captured = Captured::default();
+        let sink = captured.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || sink.clone())
+            .with_ansi(ansi)
+            .fmt_fields(EscapedFields::default())
+            .finish();
+        tracing::subscriber::with_default(subscriber, log);
+        let bytes = captured.0.lock().unwrap().clone();
+        String::from_utf8(bytes).unwrap()
+    }
+
+    #[test]
+    fn values_and_messages_stay_on_one_line() {
+        let forged = "grpc://127.0.0.1:9/\n2026-01-01T00:00:00.000000Z  INFO kas_gateway: forged";
+        let text = text_log(false, || {
+            let span = tracing::info_span!("request", path = %"/a\r\nb");
+            let _entered = span.enter();
+            tracing::info!(url = %forged, debug = ?"x\ny", "message\twith {}", "a\u{1b}[31mred\n");
+        });
+        assert_eq!(text.lines().count(), 1, "{text}");
+        assert!(
+            text.contains(
+                r"url=grpc://127.0.0.1:9/\n2026-01-01T00:00:00.000000Z  INFO kas_gateway: forged"
+            ),
+            "{text}"
+        );
+        // tracing-subscriber spells ESC in a message `\x1b` itself; it is never raw.
+        assert!(text.contains(r"message\twith a\x1b[31mred\n"), "{text}");
+        assert!(!text.contains('\u{1b}'), "{text}");
+        assert!(text.contains(r#"debug="x\ny""#), "{text}");
+        assert!(text.contains(r"request{path=/a\r\nb}"), "{text}");
+    }
+
+    #[test]
+    fn terminal_colours_do_not_let_escapes_through() {
+        let text = text_log(true, || tracing::warn!(value = %"\u{1b}]0;title\u{7}", "m"));
+        // The level's own colour codes remain; the value's escape sequence does not.
+        assert!(text.contains(r"value=\u{1b}]0;title\u{7}"), "{text}");
+        assert!(!text.contains("\u{1b}]0;"), "{text}");
+        assert!(!text.contains('\u{7}'), "{text}");
+    }
+
+    #[test]
+    fn escapes() {
+        let mut out = String::new();
+        write_escaped(&mut out, "a\u{0}b\u{7f}c\u{85}d\u{2028}e\u{202e}f é ü\\n").unwrap();
+        assert_eq!(out, r"a\u{0}b\u{7f}c\u{85}d\u{2028}e\u{202e}f é ü\n");
+    }
 }

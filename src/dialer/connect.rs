@@ -1,7 +1,7 @@
 //! Dialling an agent: DNS, TCP, TLS (rustls, ring) or cleartext HTTP/2, and errors in words
 //! a person can act on.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,6 +11,9 @@ use rustls_pki_types::pem::PemObject;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
+
+use crate::domain::validate::{AgentHost, AgentUrl, UrlProblem};
+use crate::domain::{DENIED_NETWORKS_SETTING, DeniedNetworks};
 
 /// Why an attempt failed, worded for the operator.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -43,8 +46,10 @@ impl DialError {
 /// Where and how to dial.
 #[derive(Clone, Debug)]
 pub struct Target {
-    /// Host of the URL.
+    /// Host of the URL: a name, or an address without brackets.
     pub host: String,
+    /// The host, when it is an address rather than a name.
+    pub address: Option<IpAddr>,
     /// Port of the URL (443 for grpcs, 80 for grpc by default).
     pub port: u16,
     /// `grpcs://`.
@@ -54,33 +59,40 @@ pub struct Target {
 }
 
 impl Target {
-    /// Reads a `grpc://` or `grpcs://` URL.
+    /// Reads a `grpc://` or `grpcs://` URL by the same rules as a new configuration, so a
+    /// row stored before those rules cannot be dialled differently from how it reads. The
+    /// message never repeats the URL, which might carry a password.
     pub fn parse(url: &str, tls_host: Option<&str>) -> Result<Self, DialError> {
-        let parsed = url::Url::parse(url)
-            .map_err(|_| DialError::permanent(format!("{url} is not a valid URL")))?;
-        let tls = match parsed.scheme() {
-            "grpcs" => true,
-            "grpc" => false,
-            other => {
-                return Err(DialError::permanent(format!(
-                    "unsupported scheme {other}://"
-                )));
-            }
+        let parsed = AgentUrl::parse(url).map_err(|problem| {
+            DialError::permanent(match problem {
+                UrlProblem::Credentials => {
+                    "the URL contains a user name or password: configure it again without"
+                }
+                UrlProblem::Invalid => {
+                    "the URL is not a grpc:// or grpcs:// URL of a host and port: configure it again"
+                }
+            })
+        })?;
+        let host = parsed.host_str();
+        let address = match parsed.host {
+            AgentHost::Ip(addr) => Some(addr),
+            AgentHost::Name(_) => None,
         };
-        let host = parsed
-            .host_str()
-            .filter(|h| !h.is_empty())
-            .ok_or_else(|| DialError::permanent(format!("{url} has no host")))?
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_owned();
-        let port = parsed.port().unwrap_or(if tls { 443 } else { 80 });
         Ok(Self {
             server_name: tls_host.unwrap_or(&host).to_owned(),
             host,
-            port,
-            tls,
+            address,
+            port: parsed.port_or_default(),
+            tls: parsed.tls,
         })
+    }
+
+    /// `host:port`, with an IPv6 address in brackets.
+    pub fn authority(&self) -> String {
+        match self.address {
+            Some(IpAddr::V6(addr)) => format!("[{addr}]:{}", self.port),
+            _ => format!("{}:{}", self.host, self.port),
+        }
     }
 }
 
@@ -202,17 +214,29 @@ pub fn tls_config(
     Ok(Arc::new(config))
 }
 
-/// Resolves, connects (TCP, no delay) and, for `grpcs://`, completes the TLS handshake.
+/// Resolves, drops the addresses in `denied`, connects (TCP, no delay) to the first that
+/// answers and, for `grpcs://`, completes the TLS handshake.
 pub async fn connect(
     target: &Target,
     tls: Option<Arc<ClientConfig>>,
     timeout: Duration,
+    denied: &DeniedNetworks,
 ) -> Result<Box<dyn Io>, DialError> {
     let attempt = async {
-        let addrs: Vec<SocketAddr> = tokio::net::lookup_host((target.host.as_str(), target.port))
-            .await
-            .map_err(|_| DialError::transient(format!("DNS lookup of {} failed", target.host)))?
-            .collect();
+        let resolved: Vec<SocketAddr> =
+            tokio::net::lookup_host((target.host.as_str(), target.port))
+                .await
+                .map_err(|_| DialError::transient(format!("DNS lookup of {} failed", target.host)))?
+                .collect();
+        // Checked here, on the addresses actually dialled, so no name (nor a later change of
+        // its DNS records) can lead past the list; refused ones are never connected to, so
+        // the operator's error says nothing about what answers there.
+        let (addrs, refused): (Vec<SocketAddr>, Vec<SocketAddr>) = resolved
+            .into_iter()
+            .partition(|addr| denied.refusing(addr.ip()).is_none());
+        if addrs.is_empty() && !refused.is_empty() {
+            return Err(refused_destination(&refused, target.address.is_some()));
+        }
         let mut last =
             DialError::transient(format!("DNS lookup of {} found no address", target.host));
         let mut stream = None;
@@ -246,11 +270,31 @@ pub async fn connect(
         Ok(Box::new(tls) as Box<dyn Io>)
     };
     tokio::time::timeout(timeout, attempt).await.map_err(|_| {
-        DialError::transient(format!(
-            "connecting to {}:{} timed out",
-            target.host, target.port
-        ))
+        DialError::transient(format!("connecting to {} timed out", target.authority()))
     })?
+}
+
+/// The error for a host whose every address is refused. An address in the URL stays refused
+/// until the configuration or the setting changes (and the setting changes only with a
+/// restart), so retrying it is pointless; a name's records may change, so it backs off.
+fn refused_destination(refused: &[SocketAddr], literal: bool) -> DialError {
+    const SHOWN: usize = 3;
+    let mut list = refused
+        .iter()
+        .take(SHOWN)
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ");
+    if refused.len() > SHOWN {
+        list.push_str(&format!(" and {} more", refused.len() - SHOWN));
+    }
+    let plural = if refused.len() > 1 { "s" } else { "" };
+    let message = format!("refused destination{plural} {list} ({DENIED_NETWORKS_SETTING})");
+    if literal {
+        DialError::permanent(message)
+    } else {
+        DialError::transient(message)
+    }
 }
 
 /// Words for a TLS failure.
@@ -334,6 +378,57 @@ mod tests {
         );
         let t = Target::parse("grpcs://[::1]:5", None).unwrap();
         assert_eq!(t.host, "::1");
+        assert_eq!(t.authority(), "[::1]:5");
         assert!(Target::parse("http://x", None).unwrap_err().permanent);
+    }
+
+    #[test]
+    fn stored_urls_never_echo_credentials() {
+        let error = Target::parse("grpcs://user:s3cret@agent:1", None).unwrap_err();
+        assert!(error.permanent);
+        assert!(!error.message.contains("s3cret"), "{error}");
+    }
+
+    /// Every address refused: no connection is attempted, whatever listens there.
+    #[tokio::test]
+    async fn refused_addresses_are_never_connected() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let denied = DeniedNetworks::new(["127.0.0.0/8".parse().unwrap()]);
+        let target = Target::parse(&format!("grpc://127.0.0.1:{port}"), None).unwrap();
+        let Err(error) = connect(&target, None, Duration::from_secs(2), &denied).await else {
+            panic!("connected to a refused address");
+        };
+        assert_eq!(
+            error,
+            DialError::permanent(format!(
+                "refused destination 127.0.0.1:{port} (KAS_GATEWAY_DIALER_DENIED_NETWORKS)"
+            ))
+        );
+        let accepted = tokio::time::timeout(Duration::from_millis(200), listener.accept()).await;
+        assert!(accepted.is_err(), "the listener was connected to");
+        // The same address through the default list is dialled.
+        let stream = connect(
+            &target,
+            None,
+            Duration::from_secs(2),
+            &DeniedNetworks::default(),
+        )
+        .await;
+        assert!(stream.is_ok());
+    }
+
+    #[test]
+    fn refused_destinations_in_words() {
+        let addrs: Vec<SocketAddr> = ["[::1]:5", "127.0.0.1:5", "127.0.0.2:5", "127.0.0.3:5"]
+            .iter()
+            .map(|a| a.parse().unwrap())
+            .collect();
+        let error = refused_destination(&addrs, false);
+        assert!(!error.permanent);
+        assert_eq!(
+            error.message,
+            "refused destinations [::1]:5, 127.0.0.1:5, 127.0.0.2:5 and 1 more (KAS_GATEWAY_DIALER_DENIED_NETWORKS)"
+        );
     }
 }

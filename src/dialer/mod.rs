@@ -16,7 +16,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::domain::{Id, Service, UrlConfiguration};
+use crate::domain::{DeniedNetworks, Id, Service, UrlConfiguration};
 use session::SessionRequest;
 use state::Phase;
 
@@ -76,6 +76,8 @@ pub struct DialerSettings {
     pub backoff: Backoff,
     /// A session up this long resets the backoff.
     pub backoff_reset_after: Duration,
+    /// Addresses never dialled, checked on every address a host resolves to.
+    pub denied_networks: DeniedNetworks,
 }
 
 impl Default for DialerSettings {
@@ -90,8 +92,36 @@ impl Default for DialerSettings {
             resync_interval: Duration::from_secs(300),
             backoff: Backoff::default(),
             backoff_reset_after: Duration::from_secs(60),
+            denied_networks: DeniedNetworks::default(),
         }
     }
+}
+
+/// An entry of the refused-networks setting that is neither a network nor an address.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{entry:?} is not a network in CIDR notation (such as 169.254.0.0/16) nor an address")]
+pub struct InvalidNetwork {
+    /// The entry as written.
+    pub entry: String,
+}
+
+/// Reads the refused-networks setting: comma-separated CIDRs (`169.254.0.0/16,fe80::/10`);
+/// a bare address stands for itself alone; the empty string refuses nothing.
+pub fn parse_denied_networks(value: &str) -> Result<DeniedNetworks, InvalidNetwork> {
+    let mut networks = Vec::new();
+    for entry in value.split(',').map(str::trim) {
+        if entry.is_empty() {
+            continue;
+        }
+        let network = entry
+            .parse::<ipnet::IpNet>()
+            .or_else(|_| entry.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+            .map_err(|_| InvalidNetwork {
+                entry: entry.to_owned(),
+            })?;
+        networks.push(network);
+    }
+    Ok(DeniedNetworks::new(networks))
 }
 
 struct Running {
@@ -283,6 +313,47 @@ mod tests {
         assert_eq!(b.delay(30, 0.0), Duration::from_secs(120));
         assert_eq!(b.delay(30, 1.0), Duration::from_secs(144));
         assert_eq!(b.delay(0, -1.0), Duration::from_secs_f64(0.8));
+    }
+
+    #[test]
+    fn denied_networks_setting() {
+        let parsed = parse_denied_networks(" 169.254.0.0/16, fe80::/10,10.1.2.3 ,::1").unwrap();
+        assert_eq!(
+            parsed.to_string(),
+            "169.254.0.0/16,fe80::/10,10.1.2.3/32,::1/128"
+        );
+        assert!(parsed.refusing("10.1.2.3".parse().unwrap()).is_some());
+        assert!(parsed.refusing("10.1.2.4".parse().unwrap()).is_none());
+        assert_eq!(parse_denied_networks("").unwrap(), DeniedNetworks::none());
+        assert_eq!(
+            parse_denied_networks(" , ").unwrap(),
+            DeniedNetworks::none()
+        );
+        // The default, written out, reads back as the default.
+        let default = DeniedNetworks::default();
+        assert_eq!(
+            parse_denied_networks(&default.to_string()).unwrap(),
+            default
+        );
+    }
+
+    #[test]
+    fn denied_networks_setting_errors() {
+        for bad in [
+            "169.254.0.0/33",
+            "localhost",
+            "169.254.0.0/16;fe80::/10",
+            "10.0.0.0/8,nope",
+        ] {
+            let error = parse_denied_networks(bad).unwrap_err();
+            assert!(bad.contains(&error.entry), "{bad}: {error}");
+        }
+        assert_eq!(
+            parse_denied_networks("10.0.0.0/8,nope")
+                .unwrap_err()
+                .to_string(),
+            "\"nope\" is not a network in CIDR notation (such as 169.254.0.0/16) nor an address"
+        );
     }
 
     #[test]

@@ -63,7 +63,13 @@ pub async fn run(
             (Some(tls), None)
         }
     };
-    let io = connect::connect(&target, tls, settings.connect_timeout).await?;
+    let io = connect::connect(
+        &target,
+        tls,
+        settings.connect_timeout,
+        &settings.denied_networks,
+    )
+    .await?;
     let tls_error = Arc::new(std::sync::Mutex::new(None));
     let io = connect::Recording::new(io, Arc::clone(&tls_error));
     // Words for a failure: a TLS error seen on the wire says more than HTTP/2 can.
@@ -75,7 +81,7 @@ pub async fn run(
 
     // Hand the connected stream to tonic, once.
     let slot = Arc::new(std::sync::Mutex::new(Some(io)));
-    let endpoint = Endpoint::from_shared(format!("http://{}:{}", target.host, target.port))
+    let endpoint = Endpoint::from_shared(format!("http://{}", target.authority()))
         .map_err(|e| DialError::permanent(format!("invalid endpoint: {e}")))?
         .http2_keep_alive_interval(settings.keepalive)
         .keep_alive_timeout(settings.keepalive_timeout)

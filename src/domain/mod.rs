@@ -1,10 +1,12 @@
 //! The domain: entities, rules and operations, independent of HTTP, gRPC and SQL.
 
+mod destinations;
 mod error;
 mod model;
 mod service;
 pub mod validate;
 
+pub use destinations::{DENIED_NETWORKS_SETTING, DeniedNetworks};
 pub use error::{Error, Missing, ParamProblem, Reply, Result};
 pub use model::*;
 pub use service::{

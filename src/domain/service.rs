@@ -5,9 +5,10 @@ use std::sync::Arc;
 use ring::rand::SystemRandom;
 use time::Date;
 
+use super::destinations::DeniedNetworks;
 use super::error::{Error, Missing, ParamProblem, Result};
 use super::model::*;
-use super::validate;
+use super::validate::{self, AgentHost, AgentUrl, UrlProblem};
 use tokio::sync::Notify;
 
 use crate::clock::SharedClock;
@@ -193,6 +194,7 @@ pub struct Service {
     rng: Arc<SystemRandom>,
     secrets: Arc<Secrets>,
     settings: Settings,
+    denied_networks: Arc<DeniedNetworks>,
     connections: Arc<Registry>,
     changed: Arc<Notify>,
 }
@@ -219,9 +221,18 @@ impl Service {
             rng: Arc::new(crypto::system_random()),
             secrets,
             settings,
+            denied_networks: Arc::new(DeniedNetworks::default()),
             connections: Arc::new(Registry::new(replica_name())),
             changed: Arc::new(Notify::new()),
         }
+    }
+
+    /// The same service, refusing URL configurations whose address is in `networks` (the
+    /// dialer's list; the default list until this is called).
+    #[must_use]
+    pub fn with_denied_networks(mut self, networks: DeniedNetworks) -> Self {
+        self.denied_networks = Arc::new(networks);
+        self
     }
 
     /// The connection states of the agents this replica dials.
@@ -943,7 +954,7 @@ impl Service {
         let agent = self
             .agent_for_url_configurations(caller, project, agent_id, AccessLevel::Maintainer)
             .await?;
-        let checked = check_url_configuration(input, self.now())?;
+        let checked = check_url_configuration(input, self.now(), &self.denied_networks)?;
         let (secret_column, public_key, secret) = match checked.client_key {
             Some(client_key) => (SecretColumn::ClientKey, None, client_key),
             None => {
@@ -1155,11 +1166,13 @@ struct CheckedUrlConfiguration {
     tls_host: Option<String>,
 }
 
-/// GitLab's validations, then kas-gateway's: the pair must come together, belong together,
-/// and be in date; a client certificate needs TLS.
+/// GitLab's validations, then kas-gateway's: the URL is stored normalised and may not name a
+/// refused address; the pair must come together, belong together, and be in date; a client
+/// certificate needs TLS.
 fn check_url_configuration(
     input: UrlConfigurationInput,
     now: Timestamp,
+    denied: &DeniedNetworks,
 ) -> Result<CheckedUrlConfiguration> {
     let blank_to_none = |v: Option<String>| v.filter(|s| !s.trim().is_empty());
     let client_cert = blank_to_none(input.client_cert);
@@ -1185,14 +1198,20 @@ fn check_url_configuration(
         return Err(Error::Validation(errors));
     }
 
-    let url = input.url.trim().to_owned();
-    let scheme = url::Url::parse(&url)
-        .ok()
-        .filter(|u| matches!(u.scheme(), "grpc" | "grpcs"))
-        .filter(|u| u.host_str().is_some_and(|h| !h.is_empty()))
-        .map(|u| u.scheme().to_owned());
-    if scheme.is_none() {
-        errors.push("Url is not a valid URL".to_owned());
+    let url = match AgentUrl::parse(&input.url) {
+        Ok(url) => Some(url),
+        Err(problem) => {
+            errors.push(problem.message().to_owned());
+            None
+        }
+    };
+    // A host name is checked when dialled, after resolution; an address can be refused now.
+    if let Some(AgentHost::Ip(addr)) = url.as_ref().map(|u| &u.host)
+        && let Some(network) = denied.refusing(*addr)
+    {
+        errors.push(format!(
+            "Url points to a refused destination: {addr} is in {network}"
+        ));
     }
 
     let ca_cert = match ca_cert {
@@ -1244,12 +1263,16 @@ fn check_url_configuration(
         }
         _ => {}
     }
-    if cert.is_some() && scheme.as_deref() == Some("grpc") {
+    if cert.is_some() && url.as_ref().is_some_and(|u| !u.tls) {
         errors.push("Url must use grpcs:// when a client cert is given".to_owned());
     }
     if !errors.is_empty() {
         return Err(Error::Validation(errors));
     }
+    let Some(url) = url else {
+        // A refused URL left its message above; this only keeps the types honest.
+        return Err(Error::invalid(UrlProblem::Invalid.message()));
+    };
     let (client_cert, client_key) = match (cert, key) {
         (Some(Some((cert_pem, _))), Some(Some((key_pem, _)))) => (
             Some(cert_pem),
@@ -1258,7 +1281,7 @@ fn check_url_configuration(
         _ => (None, None),
     };
     Ok(CheckedUrlConfiguration {
-        url,
+        url: url.to_string(),
         client_cert,
         client_key,
         ca_cert,
