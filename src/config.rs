@@ -391,15 +391,23 @@ impl ConfigArgs {
                 .receptive_agents
                 .or(file.receptive_agents)
                 .unwrap_or(true),
-            dialer: dialer_settings(
-                self.dialer_heartbeat_seconds
-                    .or(file.dialer_heartbeat_seconds),
-                self.dialer_keepalive_seconds
-                    .or(file.dialer_keepalive_seconds),
-                self.dialer_resync_seconds.or(file.dialer_resync_seconds),
-                self.dialer_connect_timeout_seconds
-                    .or(file.dialer_connect_timeout_seconds),
-            )?,
+            dialer: {
+                let mut dialer = dialer_settings(
+                    self.dialer_heartbeat_seconds
+                        .or(file.dialer_heartbeat_seconds),
+                    self.dialer_keepalive_seconds
+                        .or(file.dialer_keepalive_seconds),
+                    self.dialer_resync_seconds.or(file.dialer_resync_seconds),
+                    self.dialer_connect_timeout_seconds
+                        .or(file.dialer_connect_timeout_seconds),
+                )?;
+                if let Some(networks) = self.dialer_denied_networks.or(file.dialer_denied_networks)
+                {
+                    dialer.denied_networks = crate::dialer::parse_denied_networks(&networks)
+                        .context("in the dialer's denied networks")?;
+                }
+                dialer
+            },
             gitlab_secret: self
                 .gitlab_secret_file
                 .or(file.gitlab_secret_file)

@@ -82,7 +82,8 @@ pub async fn open_service(
     let settings = Settings {
         receptive_agents: config.receptive_agents,
     };
-    let service = Service::new(Arc::clone(&store), clock, secrets, settings);
+    let service = Service::new(Arc::clone(&store), clock, secrets, settings)
+        .with_denied_networks(config.dialer.denied_networks.clone());
     Ok((store, service))
 }
 

@@ -216,3 +216,56 @@ async fn stored_addresses_refused_later_fail_without_a_connection(
     assert!(!connected(&listener, Duration::from_secs(1)).await);
     assert_eq!(connection(&gw, project, agent).await["state"], "failed");
 }
+
+/// The setting on the real binary: `localhost` refused through
+/// `KAS_GATEWAY_DIALER_DENIED_NETWORKS` is never connected to, and a malformed list stops the
+/// gateway at start with a message that names the setting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_setting_refuses_on_the_binary() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = with_token(dir.path(), TOKEN)
+        .env("KAS_GATEWAY_DIALER_DENIED_NETWORKS", "10.0.0.0/33")
+        .arg("serve")
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("denied networks"), "{stderr}");
+
+    let mut command = with_token(dir.path(), TOKEN);
+    command.env("KAS_GATEWAY_DIALER_DENIED_NETWORKS", "127.0.0.0/8,::1/128");
+    let gateway = common::binary::Gateway::start(command);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (agents, agent) = project_and_agent(&gateway, TOKEN).await;
+    let base = format!("{agents}/{}", agent["id"]);
+    let (status, _) = send(
+        Method::POST,
+        &gateway.url(&format!("{base}/url_configurations")),
+        TOKEN,
+        Some(json!({"url": format!("grpc://localhost:{port}")})),
+    )
+    .await;
+    assert_eq!(status, 201);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let state = loop {
+        let (_, state) = send(
+            Method::GET,
+            &gateway.url(&format!("{base}/connection")),
+            TOKEN,
+            None,
+        )
+        .await;
+        if !state["last_error"].is_null() {
+            break state;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no attempt was reported: {state}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let error = state["last_error"].as_str().unwrap();
+    assert!(error.starts_with("refused destination"), "{error}");
+    assert!(!connected(&listener, Duration::from_millis(500)).await);
+}
