@@ -246,7 +246,7 @@ async fn slow_clients_are_cut_off(#[case] use_tls: bool) {
     let started = Instant::now();
 
     // Header tricklers: one byte every 300 ms, never a complete head.
-    let tricklers = (0..20).map(|_| async {
+    let tricklers = (0..50).map(|_| async {
         let mut io = connect(&gateway.addr, tls).await;
         let head =
             b"GET /api/v4/user HTTP/1.1\r\nHost: x\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
@@ -262,7 +262,7 @@ async fn slow_clients_are_cut_off(#[case] use_tls: bool) {
         false
     });
     // Silent clients: a TCP connection (with TLS: a finished handshake) and not one byte.
-    let silent = (0..20).map(|_| async {
+    let silent = (0..200).map(|_| async {
         let mut io = connect(&gateway.addr, tls).await;
         closed_within(&mut *io, Duration::from_secs(5))
             .await
