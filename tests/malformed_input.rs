@@ -1,0 +1,303 @@
+//! What a careless or hostile client can send, against the real binary over loopback.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use common::binary::{Gateway, on_backend, project_and_agent, send, with_token};
+use common::{Backend, PgDatabase};
+use reqwest::Method;
+use rstest::rstest;
+use serde_json::{Value, json};
+
+const TOKEN: &str = "glpat-malformed-input-test-00000";
+
+/// A gateway process, its database and its data directory, dropped in that order.
+struct Running {
+    gateway: Gateway,
+    _pg: Option<PgDatabase>,
+    _dir: tempfile::TempDir,
+}
+
+async fn start(backend: Backend) -> Option<Running> {
+    let dir = tempfile::tempdir().unwrap();
+    let (command, pg) = on_backend(with_token(dir.path(), TOKEN), backend).await?;
+    Some(Running {
+        gateway: Gateway::start(command),
+        _pg: pg,
+        _dir: dir,
+    })
+}
+
+/// A response, read whole.
+struct Answer {
+    status: u16,
+    content_type: String,
+    text: String,
+}
+
+impl Answer {
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.text).unwrap_or(Value::Null)
+    }
+}
+
+async fn request(
+    gateway: &Gateway,
+    method: Method,
+    path: &str,
+    token: Option<&str>,
+    content_type: Option<&str>,
+    body: Vec<u8>,
+) -> Answer {
+    let mut request = reqwest::Client::new().request(method, gateway.url(path));
+    if let Some(token) = token {
+        request = request.header("Private-Token", token);
+    }
+    if let Some(content_type) = content_type {
+        request = request.header("Content-Type", content_type);
+    }
+    let response = request.body(body).send().await.unwrap();
+    let status = response.status().as_u16();
+    let content_type = response
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    let text = response.text().await.unwrap();
+    Answer {
+        status,
+        content_type,
+        text,
+    }
+}
+
+fn assert_no_error_lines(gateway: &Gateway) {
+    let log = gateway.log_text();
+    let errors: Vec<&str> = log
+        .lines()
+        .filter(|line| line.contains(r#""level":"ERROR""#))
+        .collect();
+    assert!(errors.is_empty(), "ERROR lines in the log: {errors:#?}");
+}
+
+/// What a case sends: what it shows, method, path, content type, body.
+type Case<'a> = (&'a str, Method, String, Option<&'a str>, &'a [u8]);
+
+const JSON: Option<&str> = Some("application/json");
+const FORM: Option<&str> = Some("application/x-www-form-urlencoded");
+
+#[rstest]
+#[case::sqlite(Backend::Sqlite)]
+#[case::postgres(Backend::Postgres)]
+#[tokio::test]
+async fn nul_bytes_and_invalid_utf8_get_gitlabs_400_on_both_backends(#[case] backend: Backend) {
+    let Some(running) = start(backend).await else {
+        return;
+    };
+    let gw = &running.gateway;
+    let (agents, agent) = project_and_agent(gw, TOKEN).await;
+    let tokens = format!("{agents}/{}/tokens", agent["id"]);
+    let (_, root) = send(Method::GET, &gw.url("/api/v4/user"), TOKEN, None).await;
+    let pats = format!("/api/v4/users/{}/personal_access_tokens", root["id"]);
+
+    let cases: Vec<Case> = vec![
+        (
+            "NUL in a project path",
+            Method::GET,
+            "/api/v4/projects/root%00%2Fp".into(),
+            None,
+            b"",
+        ),
+        (
+            "invalid UTF-8 in a project path",
+            Method::GET,
+            "/api/v4/projects/root%FF%2Fp".into(),
+            None,
+            b"",
+        ),
+        (
+            "invalid UTF-8 in an agent id",
+            Method::GET,
+            format!("{agents}/%C3%28"),
+            None,
+            b"",
+        ),
+        (
+            "NUL in a path no route matches",
+            Method::GET,
+            "/api/v4/nowhere%00".into(),
+            None,
+            b"",
+        ),
+        (
+            "NUL in a query value",
+            Method::GET,
+            format!("{agents}?per_page=2%00"),
+            None,
+            b"",
+        ),
+        (
+            "invalid UTF-8 in a query key",
+            Method::GET,
+            format!("{agents}?%FF=1"),
+            None,
+            b"",
+        ),
+        (
+            "NUL in the query of a POST",
+            Method::POST,
+            format!("{tokens}?name=t%00"),
+            None,
+            b"",
+        ),
+        (
+            "NUL in a token name, JSON",
+            Method::POST,
+            tokens.clone(),
+            JSON,
+            br#"{"name":"t\u0000"}"#,
+        ),
+        (
+            "NUL in a token description, JSON",
+            Method::POST,
+            tokens.clone(),
+            JSON,
+            br#"{"name":"t","description":"d\u0000"}"#,
+        ),
+        (
+            "NUL in a token name, form",
+            Method::POST,
+            tokens.clone(),
+            FORM,
+            b"name=t%00",
+        ),
+        (
+            "invalid UTF-8 in a token description, form",
+            Method::POST,
+            tokens.clone(),
+            FORM,
+            b"name=t&description=%E2%82",
+        ),
+        (
+            "raw invalid UTF-8 in a form",
+            Method::POST,
+            tokens.clone(),
+            FORM,
+            b"name=t\xff",
+        ),
+        (
+            "NUL in a form key",
+            Method::POST,
+            tokens.clone(),
+            FORM,
+            b"name=t&x%00=1",
+        ),
+        (
+            "NUL deep in a JSON body",
+            Method::POST,
+            tokens.clone(),
+            JSON,
+            br#"{"name":"t","x":{"y":[["\u0000"]]}}"#,
+        ),
+        (
+            "NUL in a JSON key",
+            Method::POST,
+            tokens.clone(),
+            JSON,
+            br#"{"name":"t","k\u0000":1}"#,
+        ),
+        (
+            "invalid UTF-8 in a JSON body",
+            Method::POST,
+            tokens.clone(),
+            JSON,
+            b"{\"name\":\"t\xc3\"}",
+        ),
+        (
+            "NUL in a project description",
+            Method::POST,
+            "/api/v4/projects".into(),
+            JSON,
+            br#"{"name":"q","description":"x\u0000"}"#,
+        ),
+        (
+            "NUL in a user's name",
+            Method::POST,
+            "/api/v4/users".into(),
+            JSON,
+            br#"{"username":"u","name":"U\u0000","email":"u@example.com"}"#,
+        ),
+        (
+            "NUL in a user's e-mail, form",
+            Method::POST,
+            "/api/v4/users".into(),
+            FORM,
+            b"username=u&name=U&email=u%00@example.com",
+        ),
+        (
+            "NUL in a personal access token's name",
+            Method::POST,
+            pats.clone(),
+            JSON,
+            br#"{"name":"t\u0000","scopes":["api"]}"#,
+        ),
+    ];
+    for (what, method, path, content_type, body) in cases {
+        let answer = request(gw, method, &path, Some(TOKEN), content_type, body.to_vec()).await;
+        assert_eq!(
+            (
+                answer.status,
+                answer.content_type.as_str(),
+                answer.text.as_str()
+            ),
+            (400, "text/plain", "Bad Request"),
+            "{what} ({backend:?})"
+        );
+    }
+    // Refused before authentication, as GitLab's middleware does.
+    let anonymous = request(
+        gw,
+        Method::GET,
+        "/api/v4/projects/root%00%2Fp",
+        None,
+        None,
+        vec![],
+    )
+    .await;
+    assert_eq!(
+        (anonymous.status, anonymous.text.as_str()),
+        (400, "Bad Request")
+    );
+
+    // Nothing reached the store: no token, no second project, and the user is still free.
+    let (status, listed) = send(Method::GET, &gw.url(&tokens), TOKEN, None).await;
+    assert_eq!((status, listed), (200, json!([])));
+    let (_, projects) = send(Method::GET, &gw.url("/api/v4/projects"), TOKEN, None).await;
+    assert_eq!(projects.as_array().map(Vec::len), Some(1));
+    let user = json!({"username": "u", "name": "U", "email": "u@example.com"});
+    let (status, _) = send(Method::POST, &gw.url("/api/v4/users"), TOKEN, Some(user)).await;
+    assert_eq!(status, 201);
+    // Valid UTF-8 beyond ASCII is stored and returned as sent, on both backends.
+    let body = json!({"name": "t", "description": "café ☕ \u{1}"});
+    let (status, created) = send(Method::POST, &gw.url(&tokens), TOKEN, Some(body)).await;
+    assert_eq!(
+        (status, &created["description"]),
+        (201, &json!("café ☕ \u{1}"))
+    );
+    let form = request(
+        gw,
+        Method::POST,
+        &tokens,
+        Some(TOKEN),
+        FORM,
+        b"name=f&description=caf%C3%A9".to_vec(),
+    )
+    .await;
+    assert_eq!(
+        (form.status, &form.json()["description"]),
+        (201, &json!("café"))
+    );
+
+    assert_no_error_lines(gw);
+}
