@@ -3,6 +3,10 @@
 
 mod common;
 
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
 use common::binary::{Gateway, on_backend, project_and_agent, send, with_token};
 use common::{Backend, PgDatabase};
 use reqwest::Method;
@@ -300,4 +304,59 @@ async fn nul_bytes_and_invalid_utf8_get_gitlabs_400_on_both_backends(#[case] bac
     );
 
     assert_no_error_lines(gw);
+}
+
+/// Writes `head` (no body) on a fresh connection and reads until the gateway closes it.
+fn exchange_without_body(addr: &str, head: &str) -> String {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    stream.write_all(head.as_bytes()).unwrap();
+    let mut answer = Vec::new();
+    if let Err(e) = stream.read_to_end(&mut answer) {
+        panic!(
+            "no complete answer without the body ({e}); got {:?}",
+            String::from_utf8_lossy(&answer)
+        );
+    }
+    String::from_utf8(answer).unwrap()
+}
+
+#[rstest]
+#[case::authenticated_project("/api/v4/projects", true)]
+#[case::anonymous_project("/api/v4/projects", false)]
+#[case::authenticated_token("/api/v4/projects/1/cluster_agents/1/tokens", true)]
+#[case::anonymous_user("/api/v4/users", false)]
+#[case::unknown_route("/api/v4/nowhere", true)]
+#[tokio::test]
+async fn a_body_announced_too_large_gets_413_before_it_is_sent(
+    #[case] path: &str,
+    #[case] authenticated: bool,
+) {
+    let running = start(Backend::Sqlite).await.unwrap();
+    let gw = &running.gateway;
+    project_and_agent(gw, TOKEN).await;
+    let token = if authenticated {
+        format!("Private-Token: {TOKEN}\r\n")
+    } else {
+        String::new()
+    };
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: {}\r\n{token}Content-Type: application/json\r\n\
+         Content-Length: 50000000\r\n\r\n",
+        gw.addr
+    );
+    // The gateway answers and closes although not one byte of the body was sent.
+    let answer = exchange_without_body(&gw.addr, &head);
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 413 "), "{head}");
+    assert!(
+        head.to_ascii_lowercase().contains("connection: close"),
+        "{head}"
+    );
+    assert_eq!(
+        serde_json::from_str::<Value>(body).unwrap(),
+        json!({"message": "413 Request Entity Too Large"})
+    );
 }

@@ -139,8 +139,8 @@ pub fn routes(app: App) -> Router {
 }
 
 /// Adds what every listener's router needs once its routes are merged: GitLab's 404 and 405
-/// bodies, the refusal of malformed strings before anything else runs, the body limit, the
-/// request log, and a 500 instead of a dropped connection.
+/// bodies, the refusal of malformed strings and of oversized bodies before anything else
+/// runs, the body limit, the request log, and a 500 instead of a dropped connection.
 pub fn finish(router: Router) -> Router {
     router
         .fallback(|| async {
@@ -156,7 +156,9 @@ pub fn finish(router: Router) -> Router {
             )
         })
         .layer(axum::middleware::from_fn(refuse_malformed_strings))
+        .layer(axum::middleware::from_fn(refuse_announced_oversize))
         .layer(axum::middleware::from_fn(log_request))
+        // Still needed: a chunked body announces no length and is cut off as it streams.
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(
             |_: Box<dyn std::any::Any + Send>| {
@@ -186,6 +188,30 @@ async fn refuse_malformed_strings(request: Request, next: Next) -> Response {
             .is_some_and(|query| extract::form_pairs(query.as_bytes()).is_err());
     if malformed && !is_grpc(&request) {
         return Error::MalformedString.into_response();
+    }
+    next.run(request).await
+}
+
+/// A body announced larger than [`MAX_BODY_BYTES`] gets 413 at once, before authentication,
+/// without reading or waiting for a byte of it.
+async fn refuse_announced_oversize(request: Request, next: Next) -> Response {
+    let announced = request
+        .headers()
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    let limit = u64::try_from(MAX_BODY_BYTES).unwrap_or(u64::MAX);
+    if announced.is_some_and(|length| length > limit) && !is_grpc(&request) {
+        let mut response = Error::PayloadTooLarge.into_response();
+        // The unread body leaves the connection unusable; say so rather than let an
+        // HTTP/1.1 client send its next request into it. (HTTP/2 forbids the header.)
+        if request.version() <= http::Version::HTTP_11 {
+            response.headers_mut().insert(
+                http::header::CONNECTION,
+                http::HeaderValue::from_static("close"),
+            );
+        }
+        return response;
     }
     next.run(request).await
 }
