@@ -360,3 +360,31 @@ async fn a_body_announced_too_large_gets_413_before_it_is_sent(
         json!({"message": "413 Request Entity Too Large"})
     );
 }
+
+#[tokio::test]
+async fn an_unsupported_content_type_is_not_echoed() {
+    let running = start(Backend::Sqlite).await.unwrap();
+    let gw = &running.gateway;
+    let (agents, _) = project_and_agent(gw, TOKEN).await;
+    let long = format!("application/{}", "x".repeat(4000));
+    for content_type in [
+        "text/plain",
+        "text/<script>alert(1)</script>",
+        long.as_str(),
+    ] {
+        let answer = request(
+            gw,
+            Method::POST,
+            &agents,
+            Some(TOKEN),
+            Some(content_type),
+            b"name=b".to_vec(),
+        )
+        .await;
+        assert_eq!(answer.status, 415, "{content_type}");
+        assert_eq!(
+            answer.json(),
+            json!({"error": "415 Unsupported Media Type"})
+        );
+    }
+}

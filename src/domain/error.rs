@@ -87,8 +87,8 @@ pub enum Error {
     #[error("payload too large")]
     PayloadTooLarge,
     /// The request body's content type is not accepted.
-    #[error("unsupported media type: {0}")]
-    UnsupportedMediaType(String),
+    #[error("unsupported media type")]
+    UnsupportedMediaType,
     /// The request body is not valid JSON.
     #[error("malformed JSON body")]
     MalformedJson,
@@ -192,9 +192,11 @@ impl Error {
                 StatusCode::PAYLOAD_TOO_LARGE,
                 json!({"message": "413 Request Entity Too Large"}),
             ),
-            Self::UnsupportedMediaType(content_type) => (
+            // Grape's body names the client's content type; a fixed one, shaped like the
+            // 404 and 405 fallbacks, never reflects what a client sent.
+            Self::UnsupportedMediaType => (
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                json!({"error": format!("The provided content-type '{content_type}' is not supported.")}),
+                json!({"error": "415 Unsupported Media Type"}),
             ),
             Self::MalformedJson => (
                 StatusCode::BAD_REQUEST,
@@ -252,12 +254,11 @@ impl Error {
                     .collect::<Vec<_>>()
                     .join(", "),
             ),
-            Self::BadRequest(message) | Self::UnsupportedMediaType(message) => {
-                (Code::InvalidArgument, message.clone())
-            }
-            Self::MalformedJson | Self::PayloadTooLarge | Self::MalformedString => {
-                (Code::InvalidArgument, self.to_string())
-            }
+            Self::BadRequest(message) => (Code::InvalidArgument, message.clone()),
+            Self::MalformedJson
+            | Self::PayloadTooLarge
+            | Self::UnsupportedMediaType
+            | Self::MalformedString => (Code::InvalidArgument, self.to_string()),
             Self::LimitReached(message) => (Code::FailedPrecondition, message.clone()),
             Self::PreconditionFailed => (Code::FailedPrecondition, "precondition failed".into()),
             Self::Conflict => (Code::AlreadyExists, "already exists".into()),

@@ -145,7 +145,7 @@ impl<S: Send + Sync> FromRequest<S> for Params {
                 }
             }
             None | Some("application/x-www-form-urlencoded") => merge_form(&mut params, &body)?,
-            Some(other) => return Err(Error::UnsupportedMediaType(other.to_owned())),
+            Some(_) => return Err(Error::UnsupportedMediaType),
         }
         Ok(Self(params))
     }
