@@ -3,6 +3,7 @@
 
 mod common;
 
+use std::collections::BTreeSet;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
@@ -447,5 +448,105 @@ async fn link_headers_stay_small_whatever_the_query() {
         let path = first.split_once(&gw.addr).map_or(first, |(_, p)| p);
         let followed = request(gw, Method::GET, path, Some(TOKEN), None, vec![]).await;
         assert_eq!(followed.status, 200, "{first}");
+    }
+}
+
+/// Every key set `schema` (in `doc`) allows for a JSON object: (allowed keys, required keys)
+/// per alternative. Key sets, not a full validator: enough to see that a body carries what
+/// the document names and nothing else.
+fn key_sets(doc: &Value, schema: &Value) -> Vec<(BTreeSet<String>, BTreeSet<String>)> {
+    if let Some(name) = schema["$ref"].as_str() {
+        let name = name.trim_start_matches("#/components/schemas/");
+        return key_sets(doc, &doc["components"]["schemas"][name]);
+    }
+    if let Some(parts) = schema["allOf"].as_array() {
+        let mut combined = vec![(BTreeSet::new(), BTreeSet::new())];
+        for part in parts {
+            let options = key_sets(doc, part);
+            combined = combined
+                .iter()
+                .flat_map(|(keys, required)| {
+                    options.iter().map(move |(k, r)| (keys | k, required | r))
+                })
+                .collect();
+        }
+        return combined;
+    }
+    if let Some(items) = schema["anyOf"].as_array().or(schema["oneOf"].as_array()) {
+        return items.iter().flat_map(|item| key_sets(doc, item)).collect();
+    }
+    if schema["type"] == "null" {
+        // No object is null.
+        return Vec::new();
+    }
+    let names = |value: &Value| -> BTreeSet<String> {
+        match value {
+            Value::Object(map) => map.keys().cloned().collect(),
+            Value::Array(items) => items
+                .iter()
+                .filter_map(|i| i.as_str().map(str::to_owned))
+                .collect(),
+            _ => BTreeSet::new(),
+        }
+    };
+    vec![(names(&schema["properties"]), names(&schema["required"]))]
+}
+
+fn assert_matches_document(doc: &Value, method: &str, path: &str, status: u16, body: &Value) {
+    let schema = &doc["paths"][path][method]["responses"][status.to_string()]["content"]["application/json"]
+        ["schema"];
+    assert!(!schema.is_null(), "{method} {path} documents {status}");
+    let keys: BTreeSet<String> = body.as_object().unwrap().keys().cloned().collect();
+    let options = key_sets(doc, schema);
+    assert!(
+        options
+            .iter()
+            .any(|(allowed, required)| required.is_subset(&keys) && keys.is_subset(allowed)),
+        "{method} {path}: the body's keys {keys:?} fit none of the documented {options:?}"
+    );
+}
+
+#[tokio::test]
+async fn user_bodies_match_the_schemas_the_document_names() {
+    let running = start(Backend::Sqlite).await.unwrap();
+    let gw = &running.gateway;
+    let (_, doc) = send(Method::GET, &gw.url("/api/v4/openapi.json"), TOKEN, None).await;
+    let (_, root) = send(Method::GET, &gw.url("/api/v4/user"), TOKEN, None).await;
+    assert_matches_document(&doc, "get", "/api/v4/user", 200, &root);
+    let alice = json!({"username": "alice", "name": "Alice", "email": "alice@example.com"});
+    let (status, alice) = send(Method::POST, &gw.url("/api/v4/users"), TOKEN, Some(alice)).await;
+    assert_eq!(status, 201);
+    assert_matches_document(&doc, "post", "/api/v4/users", 201, &alice);
+    let (_, pat) = send(
+        Method::POST,
+        &gw.url(&format!(
+            "/api/v4/users/{}/personal_access_tokens",
+            alice["id"]
+        )),
+        TOKEN,
+        Some(json!({"name": "t", "scopes": ["api"]})),
+    )
+    .await;
+    let alice_token = pat["token"].as_str().unwrap();
+
+    let user = "/api/v4/users/{user_id}";
+    // (who asks, whom, whether the private fields are expected)
+    let cases = [
+        (alice_token, &root, false),
+        (alice_token, &alice, true),
+        (TOKEN, &alice, true),
+        (TOKEN, &root, true),
+    ];
+    for (token, whom, private) in cases {
+        let (status, body) = send(
+            Method::GET,
+            &gw.url(&format!("/api/v4/users/{}", whom["id"])),
+            token,
+            None,
+        )
+        .await;
+        assert_eq!(status, 200);
+        assert_eq!(body.get("email").is_some(), private, "{body}");
+        assert_matches_document(&doc, "get", user, 200, &body);
     }
 }
