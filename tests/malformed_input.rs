@@ -1,4 +1,7 @@
-//! What a careless or hostile client can send, against the real binary over loopback.
+//! What a careless or hostile client can send, against the real binary over loopback: NUL
+//! bytes and invalid UTF-8, bodies announced too large, unknown content types, huge query
+//! strings; and what such a client can see: response bodies that match the OpenAPI document,
+//! and a database file that only the gateway's user can read.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
@@ -6,6 +9,7 @@ mod common;
 use std::collections::BTreeSet;
 use std::io::{Read, Write};
 use std::net::TcpStream;
+use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
 use common::binary::{Gateway, on_backend, project_and_agent, send, with_token};
@@ -20,7 +24,7 @@ const TOKEN: &str = "glpat-malformed-input-test-00000";
 struct Running {
     gateway: Gateway,
     _pg: Option<PgDatabase>,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 async fn start(backend: Backend) -> Option<Running> {
@@ -29,7 +33,7 @@ async fn start(backend: Backend) -> Option<Running> {
     Some(Running {
         gateway: Gateway::start(command),
         _pg: pg,
-        _dir: dir,
+        dir,
     })
 }
 
@@ -548,5 +552,19 @@ async fn user_bodies_match_the_schemas_the_document_names() {
         assert_eq!(status, 200);
         assert_eq!(body.get("email").is_some(), private, "{body}");
         assert_matches_document(&doc, "get", user, 200, &body);
+    }
+}
+
+#[tokio::test]
+async fn the_sqlite_files_are_private_from_their_creation() {
+    let running = start(Backend::Sqlite).await.unwrap();
+    // A write, so that the WAL and its index exist.
+    project_and_agent(&running.gateway, TOKEN).await;
+    for name in ["kas-gateway.db", "kas-gateway.db-wal", "kas-gateway.db-shm"] {
+        let mode = std::fs::metadata(running.dir.path().join(name))
+            .unwrap_or_else(|e| panic!("{name}: {e}"))
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "{name} is {:o}", mode & 0o777);
     }
 }
