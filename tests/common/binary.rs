@@ -203,4 +203,3 @@ pub async fn send(
     let text = response.text().await.unwrap();
     (status, serde_json::from_str(&text).unwrap_or(Value::Null))
 }
-
