@@ -46,10 +46,9 @@ async fn bodies_in_every_encoding(#[values(Backend::Sqlite)] backend: Backend) {
             .expect(400, json!({"error": "The request body is not valid JSON"}));
     }
     let other = post().header("Content-Type", "text/plain").body("name=x");
-    common::read(other.send().await.unwrap()).await.expect(
-        415,
-        json!({"error": "The provided content-type 'text/plain' is not supported."}),
-    );
+    common::read(other.send().await.unwrap())
+        .await
+        .expect(415, json!({"error": "415 Unsupported Media Type"}));
 
     // python-gitlab sends an empty body with a JSON content type on GET and DELETE.
     let empty = gw

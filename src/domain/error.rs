@@ -87,11 +87,14 @@ pub enum Error {
     #[error("payload too large")]
     PayloadTooLarge,
     /// The request body's content type is not accepted.
-    #[error("unsupported media type: {0}")]
-    UnsupportedMediaType(String),
+    #[error("unsupported media type")]
+    UnsupportedMediaType,
     /// The request body is not valid JSON.
     #[error("malformed JSON body")]
     MalformedJson,
+    /// The path, the query or the body holds a NUL byte or invalid UTF-8.
+    #[error("the request holds a NUL byte or invalid UTF-8")]
+    MalformedString,
     /// The store cannot be reached right now.
     #[error("unavailable: {0}")]
     Unavailable(String),
@@ -108,8 +111,10 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 pub struct Reply {
     /// HTTP status.
     pub status: StatusCode,
-    /// GitLab-shaped JSON body.
+    /// GitLab-shaped JSON body; a JSON string when [`Reply::plain_text`] is set.
     pub body: Value,
+    /// Sent as `text/plain` (the string in `body`) rather than JSON, as GitLab's middleware does.
+    pub plain_text: bool,
 }
 
 impl Error {
@@ -126,6 +131,10 @@ impl Error {
     /// The table: status code and body for every error.
     pub fn reply(&self) -> Reply {
         let (status, body) = match self {
+            // GitLab's `HandleMalformedStrings` Rack middleware answers before Grape, in plain
+            // text. Refusing these keeps NUL out of the store: PostgreSQL rejects it in text
+            // columns and SQLite would keep it, so both backends now agree.
+            Self::MalformedString => (StatusCode::BAD_REQUEST, json!("Bad Request")),
             Self::Unauthorized => (
                 StatusCode::UNAUTHORIZED,
                 json!({"message": "401 Unauthorized"}),
@@ -183,9 +192,11 @@ impl Error {
                 StatusCode::PAYLOAD_TOO_LARGE,
                 json!({"message": "413 Request Entity Too Large"}),
             ),
-            Self::UnsupportedMediaType(content_type) => (
+            // Grape's body names the client's content type; a fixed one, shaped like the
+            // 404 and 405 fallbacks, never reflects what a client sent.
+            Self::UnsupportedMediaType => (
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                json!({"error": format!("The provided content-type '{content_type}' is not supported.")}),
+                json!({"error": "415 Unsupported Media Type"}),
             ),
             Self::MalformedJson => (
                 StatusCode::BAD_REQUEST,
@@ -200,7 +211,11 @@ impl Error {
                 json!({"message": "500 Internal Server Error"}),
             ),
         };
-        Reply { status, body }
+        Reply {
+            status,
+            body,
+            plain_text: matches!(self, Self::MalformedString),
+        }
     }
 }
 
@@ -239,12 +254,11 @@ impl Error {
                     .collect::<Vec<_>>()
                     .join(", "),
             ),
-            Self::BadRequest(message) | Self::UnsupportedMediaType(message) => {
-                (Code::InvalidArgument, message.clone())
-            }
-            Self::MalformedJson | Self::PayloadTooLarge => {
-                (Code::InvalidArgument, self.to_string())
-            }
+            Self::BadRequest(message) => (Code::InvalidArgument, message.clone()),
+            Self::MalformedJson
+            | Self::PayloadTooLarge
+            | Self::UnsupportedMediaType
+            | Self::MalformedString => (Code::InvalidArgument, self.to_string()),
             Self::LimitReached(message) => (Code::FailedPrecondition, message.clone()),
             Self::PreconditionFailed => (Code::FailedPrecondition, "precondition failed".into()),
             Self::Conflict => (Code::AlreadyExists, "already exists".into()),
@@ -290,6 +304,17 @@ mod tests {
             reply.body,
             json!({"error": "name is missing, agent_id is invalid"})
         );
+    }
+
+    #[test]
+    fn malformed_strings_are_plain_text_bad_requests() {
+        let error = Error::MalformedString;
+        let reply = error.reply();
+        assert_eq!(reply.status, StatusCode::BAD_REQUEST);
+        assert!(reply.plain_text);
+        assert_eq!(reply.body, json!("Bad Request"));
+        assert_eq!(error.grpc().0, tonic::Code::InvalidArgument);
+        assert!(!Error::MalformedJson.reply().plain_text);
     }
 
     #[test]

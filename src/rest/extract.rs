@@ -2,6 +2,8 @@
 //! arguments. Rejections are domain errors, so they render as GitLab does.
 
 use axum::body::Bytes;
+use axum::extract::path::ErrorKind;
+use axum::extract::rejection::PathRejection;
 use axum::extract::{FromRequest, FromRequestParts, Path, Request};
 use http::request::Parts;
 use http::{Method, header};
@@ -55,10 +57,21 @@ impl<S: Send + Sync> FromRequestParts<S> for PathArgs {
     type Rejection = Error;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self> {
-        Path::<Vec<(String, String)>>::from_request_parts(parts, state)
-            .await
-            .map(|Path(args)| Self(args))
-            .map_err(|_| Error::NotFound(crate::domain::Missing::Resource))
+        let args = match Path::<Vec<(String, String)>>::from_request_parts(parts, state).await {
+            Ok(Path(args)) => args,
+            // `finish` refuses such paths first; this keeps the reply the same where a router
+            // is used without it.
+            Err(PathRejection::FailedToDeserializePathParams(e))
+                if matches!(e.kind(), ErrorKind::InvalidUtf8InPathParam { .. }) =>
+            {
+                return Err(Error::MalformedString);
+            }
+            Err(_) => return Err(Error::NotFound(crate::domain::Missing::Resource)),
+        };
+        if args.iter().any(|(_, value)| value.contains('\0')) {
+            return Err(Error::MalformedString);
+        }
+        Ok(Self(args))
     }
 }
 
@@ -94,7 +107,7 @@ impl<S: Send + Sync> FromRequest<S> for Params {
     async fn from_request(req: Request, state: &S) -> Result<Self> {
         let mut params = Map::new();
         if let Some(query) = req.uri().query() {
-            merge_form(&mut params, query.as_bytes());
+            merge_form(&mut params, query.as_bytes())?;
         }
         let content_type = req
             .headers()
@@ -118,20 +131,80 @@ impl<S: Send + Sync> FromRequest<S> for Params {
             return Ok(Self(params));
         }
         match content_type.as_deref() {
-            Some("application/json") => match serde_json::from_slice::<Value>(&body) {
-                Ok(Value::Object(object)) => params.extend(object),
-                _ => return Err(Error::MalformedJson),
-            },
-            None | Some("application/x-www-form-urlencoded") => merge_form(&mut params, &body),
-            Some(other) => return Err(Error::UnsupportedMediaType(other.to_owned())),
+            Some("application/json") => {
+                // Invalid UTF-8 is a malformed string, as for every other input, not bad JSON.
+                let text = std::str::from_utf8(&body).map_err(|_| Error::MalformedString)?;
+                match serde_json::from_str::<Value>(text) {
+                    Ok(Value::Object(object)) => {
+                        if object_holds_nul(&object) {
+                            return Err(Error::MalformedString);
+                        }
+                        params.extend(object);
+                    }
+                    _ => return Err(Error::MalformedJson),
+                }
+            }
+            None | Some("application/x-www-form-urlencoded") => merge_form(&mut params, &body)?,
+            Some(_) => return Err(Error::UnsupportedMediaType),
         }
         Ok(Self(params))
     }
 }
 
-fn merge_form(params: &mut Map<String, Value>, input: &[u8]) {
-    for (key, value) in form_urlencoded::parse(input) {
-        let value = Value::String(value.into_owned());
+/// Whether a JSON value holds a NUL character in a string or a key, at any depth (serde_json
+/// bounds the depth when parsing).
+fn holds_nul(value: &Value) -> bool {
+    match value {
+        Value::String(s) => s.contains('\0'),
+        Value::Array(items) => items.iter().any(holds_nul),
+        Value::Object(map) => object_holds_nul(map),
+        Value::Null | Value::Bool(_) | Value::Number(_) => false,
+    }
+}
+
+fn object_holds_nul(map: &Map<String, Value>) -> bool {
+    map.iter().any(|(k, v)| k.contains('\0') || holds_nul(v))
+}
+
+/// One percent-decoded component of a form or query (`+` is a space), refused when its bytes
+/// are not UTF-8 or hold a NUL. The bytes are checked before any conversion, which would
+/// otherwise replace invalid sequences and hide them.
+fn decode_form_component(raw: &[u8]) -> Result<String> {
+    let spaced: Vec<u8> = raw
+        .iter()
+        .map(|&b| if b == b'+' { b' ' } else { b })
+        .collect();
+    let bytes: Vec<u8> = percent_encoding::percent_decode(&spaced).collect();
+    match String::from_utf8(bytes) {
+        Ok(text) if !text.contains('\0') => Ok(text),
+        _ => Err(Error::MalformedString),
+    }
+}
+
+/// The `key=value` pairs of a form body or a query string, decoded and checked.
+pub(crate) fn form_pairs(input: &[u8]) -> Result<Vec<(String, String)>> {
+    input
+        .split(|&b| b == b'&')
+        .filter(|pair| !pair.is_empty())
+        .map(|pair| {
+            let (key, value) = match pair.iter().position(|&b| b == b'=') {
+                Some(at) => (&pair[..at], &pair[at + 1..]),
+                None => (pair, &[][..]),
+            };
+            Ok((decode_form_component(key)?, decode_form_component(value)?))
+        })
+        .collect()
+}
+
+/// Whether a request path holds, once percent-decoded, invalid UTF-8 or a NUL.
+pub(crate) fn malformed_path(path: &str) -> bool {
+    let bytes: Vec<u8> = percent_encoding::percent_decode_str(path).collect();
+    std::str::from_utf8(&bytes).map_or(true, |text| text.contains('\0'))
+}
+
+fn merge_form(params: &mut Map<String, Value>, input: &[u8]) -> Result<()> {
+    for (key, value) in form_pairs(input)? {
+        let value = Value::String(value);
         if let Some(key) = key.strip_suffix("[]") {
             match params.get_mut(key) {
                 Some(Value::Array(items)) => items.push(value),
@@ -140,9 +213,10 @@ fn merge_form(params: &mut Map<String, Value>, input: &[u8]) {
                 }
             }
         } else {
-            params.insert(key.into_owned(), value);
+            params.insert(key, value);
         }
     }
+    Ok(())
 }
 
 impl Params {
@@ -395,10 +469,54 @@ mod tests {
     #[test]
     fn form_arrays() {
         let mut map = Map::new();
-        merge_form(&mut map, b"scopes[]=api&scopes[]=read_api&name=a%2Cb");
+        merge_form(&mut map, b"scopes[]=api&scopes[]=read_api&name=a%2Cb+c").unwrap();
         assert_eq!(
             Value::Object(map),
-            json!({"scopes": ["api", "read_api"], "name": "a,b"})
+            json!({"scopes": ["api", "read_api"], "name": "a,b c"})
         );
+    }
+
+    #[test]
+    fn form_components_with_nul_or_invalid_utf8_are_refused() {
+        for input in [
+            &b"name=a%00b"[..],
+            b"na%00me=x",
+            b"name=%FF",
+            b"name=%C3",
+            b"%E2%82=x",
+            b"name=\xff",
+            b"a=1&b[]=ok&b[]=%00",
+        ] {
+            assert_eq!(
+                form_pairs(input).err(),
+                Some(Error::MalformedString),
+                "{}",
+                String::from_utf8_lossy(input)
+            );
+        }
+        assert_eq!(
+            form_pairs(b"name=%C3%A9t%C3%A9&empty=&flag").ok(),
+            Some(vec![
+                ("name".into(), "\u{e9}t\u{e9}".into()),
+                ("empty".into(), String::new()),
+                ("flag".into(), String::new()),
+            ])
+        );
+    }
+
+    #[test]
+    fn paths_with_nul_or_invalid_utf8_are_malformed() {
+        assert!(malformed_path("/api/v4/projects/root%00%2Ftest"));
+        assert!(malformed_path("/api/v4/projects/%FF/cluster_agents"));
+        assert!(malformed_path("/api/v4/users/%C0%80"));
+        assert!(!malformed_path("/api/v4/projects/root%2Fcaf%C3%A9"));
+        assert!(!malformed_path("/api/v4/projects/100%"));
+    }
+
+    #[test]
+    fn nul_is_found_at_any_depth_of_json() {
+        assert!(holds_nul(&json!({"a": [{"b": ["x\u{0}"]}]})));
+        assert!(holds_nul(&json!([{"k\u{0}": 1}])));
+        assert!(!holds_nul(&json!({"a": ["\u{1}", 0, null, true]})));
     }
 }

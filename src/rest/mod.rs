@@ -49,6 +49,15 @@ impl IntoResponse for Error {
             _ => {}
         }
         let reply = self.reply();
+        if reply.plain_text {
+            let text = reply.body.as_str().unwrap_or_default().to_owned();
+            return (
+                reply.status,
+                [(http::header::CONTENT_TYPE, "text/plain")],
+                text,
+            )
+                .into_response();
+        }
         (reply.status, Json(reply.body)).into_response()
     }
 }
@@ -132,7 +141,8 @@ pub fn routes(app: App) -> Router {
 }
 
 /// Adds what every listener's router needs once its routes are merged: GitLab's 404 and 405
-/// bodies, the body limit, the request log, and a 500 instead of a dropped connection.
+/// bodies, the refusal of malformed strings and of oversized bodies before anything else
+/// runs, the body limit, the request log, and a 500 instead of a dropped connection.
 pub fn finish(router: Router) -> Router {
     router
         .fallback(|| async {
@@ -147,7 +157,10 @@ pub fn finish(router: Router) -> Router {
                 Json(json!({"error": "405 Not Allowed"})),
             )
         })
+        .layer(axum::middleware::from_fn(refuse_malformed_strings))
+        .layer(axum::middleware::from_fn(refuse_announced_oversize))
         .layer(axum::middleware::from_fn(log_request))
+        // Still needed: a chunked body announces no length and is cut off as it streams.
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(
             |_: Box<dyn std::any::Any + Send>| {
@@ -155,6 +168,54 @@ pub fn finish(router: Router) -> Router {
                 Error::Internal("panic".into()).into_response()
             },
         ))
+}
+
+/// gRPC requests keep their own limits and validation; the REST refusals leave them alone.
+fn is_grpc(request: &Request) -> bool {
+    request
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"))
+}
+
+/// GitLab's `HandleMalformedStrings`: a path or query holding a NUL byte or invalid UTF-8
+/// (once percent-decoded) gets `400 Bad Request` in plain text, whatever the route, before
+/// authentication. Bodies are checked where they are parsed ([`extract::Params`]).
+async fn refuse_malformed_strings(request: Request, next: Next) -> Response {
+    let uri = request.uri();
+    let malformed = extract::malformed_path(uri.path())
+        || uri
+            .query()
+            .is_some_and(|query| extract::form_pairs(query.as_bytes()).is_err());
+    if malformed && !is_grpc(&request) {
+        return Error::MalformedString.into_response();
+    }
+    next.run(request).await
+}
+
+/// A body announced larger than [`MAX_BODY_BYTES`] gets 413 at once, before authentication,
+/// without reading or waiting for a byte of it.
+async fn refuse_announced_oversize(request: Request, next: Next) -> Response {
+    let announced = request
+        .headers()
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    let limit = u64::try_from(MAX_BODY_BYTES).unwrap_or(u64::MAX);
+    if announced.is_some_and(|length| length > limit) && !is_grpc(&request) {
+        let mut response = Error::PayloadTooLarge.into_response();
+        // The unread body leaves the connection unusable; say so rather than let an
+        // HTTP/1.1 client send its next request into it. (HTTP/2 forbids the header.)
+        if request.version() <= http::Version::HTTP_11 {
+            response.headers_mut().insert(
+                http::header::CONNECTION,
+                http::HeaderValue::from_static("close"),
+            );
+        }
+        return response;
+    }
+    next.run(request).await
 }
 
 /// One log line per request: method, route template, status, duration. Never the query

@@ -19,31 +19,20 @@ pub fn paged<T: Serialize>(
 }
 
 /// The pagination headers for `page` of `total` items, with `Link` URLs built from the
-/// external URL, the request's path and its query (less the token and paging keys).
+/// external URL, the request's path and `page`/`per_page`.
+///
+/// GitLab copies the whole query into `Link`; here no list takes a filter, so nothing else is
+/// kept: a copied query is unbounded (a 40 KB query made an 80 KB header that clients
+/// refuse) and may carry a token. Numeric path segments are written without leading zeros,
+/// so a padded id cannot grow the header either.
 pub fn headers(external_url: &str, uri: &Uri, page: PageRequest, total: i64) -> HeaderMap {
     let per_page = page.per_page.max(1);
     let total_pages = ((total + per_page - 1) / per_page).max(1);
     let next = (page.page < total_pages).then(|| page.page + 1);
     let prev = (page.page > 1).then(|| (page.page - 1).min(total_pages));
 
-    let kept: Vec<(String, String)> = uri
-        .query()
-        .map(|q| {
-            form_urlencoded::parse(q.as_bytes())
-                .filter(|(k, _)| !matches!(k.as_ref(), "page" | "per_page" | "private_token"))
-                .map(|(k, v)| (k.into_owned(), v.into_owned()))
-                .collect()
-        })
-        .unwrap_or_default();
-    let link_to = |target: i64| {
-        let mut query = form_urlencoded::Serializer::new(String::new());
-        for (key, value) in &kept {
-            query.append_pair(key, value);
-        }
-        query.append_pair("page", &target.to_string());
-        query.append_pair("per_page", &per_page.to_string());
-        format!("{external_url}{}?{}", uri.path(), query.finish())
-    };
+    let path = canonical_path(uri.path());
+    let link_to = |target: i64| format!("{external_url}{path}?page={target}&per_page={per_page}");
     let mut links = Vec::new();
     if let Some(prev) = prev {
         links.push(format!("<{}>; rel=\"prev\"", link_to(prev)));
@@ -71,6 +60,25 @@ pub fn headers(external_url: &str, uri: &Uri, page: PageRequest, total: i64) -> 
     map
 }
 
+/// `path` with every segment that decodes to digits written as its plain number (`%30%37`,
+/// `007` and `+7` are `7`, as the handlers read them); other segments stay as sent: they are
+/// route literals or paths of existing projects, which are bounded.
+fn canonical_path(path: &str) -> String {
+    path.split('/')
+        .map(|segment| {
+            let decoded = percent_encoding::percent_decode_str(segment).decode_utf8_lossy();
+            let digits = decoded.strip_prefix('+').unwrap_or(&decoded);
+            if !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()) {
+                let number = digits.trim_start_matches('0');
+                if number.is_empty() { "0" } else { number }.to_owned()
+            } else {
+                segment.to_owned()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -84,9 +92,10 @@ mod tests {
 
     #[test]
     fn middle_page() {
-        let uri: Uri = "/api/v4/projects/root%2Ftest/cluster_agents?page=2&per_page=2&x=a,b"
-            .parse()
-            .unwrap_or_default();
+        let uri: Uri =
+            "/api/v4/projects/root%2Ftest/cluster_agents?page=2&per_page=2&x=a,b&private_token=t"
+                .parse()
+                .unwrap_or_default();
         let map = headers(
             "https://gw.example",
             &uri,
@@ -103,10 +112,23 @@ mod tests {
         let link = header(&map, "link");
         assert_eq!(
             link,
-            "<https://gw.example/api/v4/projects/root%2Ftest/cluster_agents?x=a%2Cb&page=1&per_page=2>; rel=\"prev\", \
-             <https://gw.example/api/v4/projects/root%2Ftest/cluster_agents?x=a%2Cb&page=3&per_page=2>; rel=\"next\", \
-             <https://gw.example/api/v4/projects/root%2Ftest/cluster_agents?x=a%2Cb&page=1&per_page=2>; rel=\"first\", \
-             <https://gw.example/api/v4/projects/root%2Ftest/cluster_agents?x=a%2Cb&page=3&per_page=2>; rel=\"last\""
+            "<https://gw.example/api/v4/projects/root%2Ftest/cluster_agents?page=1&per_page=2>; rel=\"prev\", \
+             <https://gw.example/api/v4/projects/root%2Ftest/cluster_agents?page=3&per_page=2>; rel=\"next\", \
+             <https://gw.example/api/v4/projects/root%2Ftest/cluster_agents?page=1&per_page=2>; rel=\"first\", \
+             <https://gw.example/api/v4/projects/root%2Ftest/cluster_agents?page=3&per_page=2>; rel=\"last\""
+        );
+    }
+
+    #[test]
+    fn padded_numeric_segments_are_written_plainly() {
+        assert_eq!(
+            canonical_path("/api/v4/projects/0007/cluster_agents/%2B%30%31/tokens"),
+            "/api/v4/projects/7/cluster_agents/1/tokens"
+        );
+        assert_eq!(canonical_path("/api/v4/projects/000"), "/api/v4/projects/0");
+        assert_eq!(
+            canonical_path("/api/v4/projects/root%2F007"),
+            "/api/v4/projects/root%2F007"
         );
     }
 

@@ -1,7 +1,7 @@
 //! JSON representations, field for field as GitLab renders them.
 
 use serde::Serialize;
-use utoipa::ToSchema;
+use utoipa::{PartialSchema, ToSchema};
 
 use crate::crypto::Secret;
 use crate::dialer::state::{Connection, Phase};
@@ -157,9 +157,9 @@ impl From<&Secret> for SecretField {
     }
 }
 
-/// A user's public fields.
+/// A user's public fields: what any authenticated caller sees of another user.
 #[derive(Debug, Serialize, ToSchema)]
-pub struct UserJson {
+pub struct UserPublicJson {
     /// User id.
     pub id: Id,
     /// Username.
@@ -176,9 +176,18 @@ pub struct UserJson {
     pub web_url: String,
     /// ISO 8601 creation time.
     pub created_at: String,
-    /// Private fields, for the user themselves and administrators.
-    #[serde(flatten, skip_serializing_if = "Option::is_none")]
-    pub private: Option<UserPrivateJson>,
+}
+
+/// A user as the user themselves and administrators see them: the public fields and the
+/// private ones.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct UserJson {
+    /// The public fields.
+    #[serde(flatten)]
+    pub public: UserPublicJson,
+    /// The private fields.
+    #[serde(flatten)]
+    pub private: UserPrivateJson,
 }
 
 /// Fields only the user and administrators see.
@@ -192,9 +201,9 @@ pub struct UserPrivateJson {
     pub bot: bool,
 }
 
-impl UserJson {
-    /// Renders `user`, with private fields when `private`.
-    pub fn new(user: &User, external_url: &str, private: bool) -> Self {
+impl UserPublicJson {
+    /// Renders the public fields of `user`.
+    pub fn new(user: &User, external_url: &str) -> Self {
         Self {
             id: user.id,
             username: user.username.clone(),
@@ -204,12 +213,61 @@ impl UserJson {
             avatar_url: None,
             web_url: format!("{external_url}/{}", user.username),
             created_at: user.created_at.to_iso8601(),
-            private: private.then(|| UserPrivateJson {
+        }
+    }
+}
+
+impl UserJson {
+    /// Renders every field of `user`.
+    pub fn new(user: &User, external_url: &str) -> Self {
+        Self {
+            public: UserPublicJson::new(user, external_url),
+            private: UserPrivateJson {
                 email: user.email.clone(),
                 is_admin: user.is_admin,
                 bot: false,
-            }),
+            },
         }
+    }
+}
+
+/// `GET /users/:id`: every field for the user themselves and administrators, the public ones
+/// for anyone else.
+#[derive(Debug, Serialize)]
+#[serde(untagged)]
+pub enum UserReplyJson {
+    /// The user themselves, or an administrator, asked.
+    Full(UserJson),
+    /// Someone else asked.
+    Public(UserPublicJson),
+}
+
+// By hand: derived untagged enums become `oneOf`, which a full user fails (it also matches the
+// public schema, whose extra keys are allowed). `anyOf` says what is sent.
+impl utoipa::PartialSchema for UserReplyJson {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{AnyOfBuilder, Ref};
+        AnyOfBuilder::new()
+            .item(Ref::from_schema_name(UserJson::name()))
+            .item(Ref::from_schema_name(UserPublicJson::name()))
+            .description(Some(
+                "Every field for the user themselves and administrators, the public ones for anyone else.",
+            ))
+            .into()
+    }
+}
+
+impl ToSchema for UserReplyJson {
+    fn schemas(
+        schemas: &mut Vec<(
+            String,
+            utoipa::openapi::RefOr<utoipa::openapi::schema::Schema>,
+        )>,
+    ) {
+        schemas.push((UserJson::name().into(), UserJson::schema()));
+        <UserJson as ToSchema>::schemas(schemas);
+        schemas.push((UserPublicJson::name().into(), UserPublicJson::schema()));
+        <UserPublicJson as ToSchema>::schemas(schemas);
     }
 }
 

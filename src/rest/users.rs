@@ -7,7 +7,7 @@ use http::StatusCode;
 
 use super::App;
 use super::extract::{Params, PathArgs};
-use super::repr::{ErrorJson, PersonalTokenJson, UserJson};
+use super::repr::{ErrorJson, PersonalTokenJson, UserJson, UserPublicJson, UserReplyJson};
 use crate::domain::{Caller, NewTokenInput, NewUserInput, Result, Scope};
 
 /// The authenticated user.
@@ -17,7 +17,7 @@ use crate::domain::{Caller, NewTokenInput, NewUserInput, Result, Scope};
     security(("private_token" = []))
 )]
 pub async fn current_user(State(app): State<App>, caller: Caller) -> Json<UserJson> {
-    Json(UserJson::new(&caller.user, &app.external_url, true))
+    Json(UserJson::new(&caller.user, &app.external_url))
 }
 
 /// Creates a user (administrators). No password is kept: users authenticate with tokens.
@@ -59,7 +59,7 @@ pub async fn create_user(
         .await?;
     Ok((
         StatusCode::CREATED,
-        Json(UserJson::new(&user, &app.external_url, true)),
+        Json(UserJson::new(&user, &app.external_url)),
     )
         .into_response())
 }
@@ -85,7 +85,7 @@ pub struct CreateUserBody {
     get, path = "/api/v4/users/{user_id}", tag = "users",
     params(("user_id" = i64, Path, description = "ID of the user")),
     responses(
-        (status = 200, body = UserJson),
+        (status = 200, body = UserReplyJson),
         (status = 400, body = ErrorJson), (status = 401, body = ErrorJson), (status = 404, body = ErrorJson),
     ),
     security(("private_token" = []))
@@ -94,11 +94,14 @@ pub async fn get_user(
     State(app): State<App>,
     caller: Caller,
     path: PathArgs,
-) -> Result<Json<UserJson>> {
+) -> Result<Json<UserReplyJson>> {
     let id = path.id("user_id")?;
     let user = app.service.user(&caller, id).await?;
-    let private = caller.is_admin() || caller.user.id == user.id;
-    Ok(Json(UserJson::new(&user, &app.external_url, private)))
+    Ok(Json(if caller.is_admin() || caller.user.id == user.id {
+        UserReplyJson::Full(UserJson::new(&user, &app.external_url))
+    } else {
+        UserReplyJson::Public(UserPublicJson::new(&user, &app.external_url))
+    }))
 }
 
 /// Creates a personal access token for a user (administrators).

@@ -301,7 +301,9 @@ pub async fn connect(url: &str, max_connections: u32) -> anyhow::Result<SharedSt
     }
 }
 
-/// Maps a storage error to a domain error, at the store boundary.
+/// Maps a storage error to a domain error, at the store boundary. Every way of not reaching
+/// the database is [`crate::domain::Error::Unavailable`] (503, `UNAVAILABLE`, a warning in
+/// the log): it is an operator's matter, not a bug.
 pub(crate) fn map_sqlx(error: sqlx::Error) -> crate::domain::Error {
     use crate::domain::{Error, Missing};
     match error {
@@ -310,19 +312,101 @@ pub(crate) fn map_sqlx(error: sqlx::Error) -> crate::domain::Error {
         sqlx::Error::Database(db) if db.is_foreign_key_violation() => {
             Error::NotFound(Missing::Record)
         }
+        sqlx::Error::Database(db) if database_unavailable(db.as_ref()) => {
+            Error::Unavailable(db.to_string())
+        }
+        // A connection the pool opens on demand fails with these too: the configuration names
+        // a TLS or authentication mode the server refuses, or the worker thread of a SQLite
+        // connection died.
         sqlx::Error::PoolTimedOut
         | sqlx::Error::PoolClosed
         | sqlx::Error::Io(_)
         | sqlx::Error::Tls(_)
-        | sqlx::Error::Protocol(_) => Error::Unavailable(error.to_string()),
-        // PostgreSQL: connection exceptions (08…), shutdowns (57P…), the database gone (3D000).
-        sqlx::Error::Database(db)
-            if db
-                .code()
-                .is_some_and(|c| c.starts_with("08") || c.starts_with("57P") || c == "3D000") =>
-        {
-            Error::Unavailable(db.to_string())
-        }
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::Configuration(_)
+        | sqlx::Error::WorkerCrashed => Error::Unavailable(error.to_string()),
         other => Error::Internal(other.to_string()),
+    }
+}
+
+/// Whether a database error means the database cannot serve now, rather than a bad statement.
+/// The pool opens connections on demand, so connect-time refusals arrive here as they are.
+fn database_unavailable(db: &dyn sqlx::error::DatabaseError) -> bool {
+    if let Some(pg) = db.try_downcast_ref::<sqlx::postgres::PgDatabaseError>() {
+        let code = pg.code();
+        // 08: connection exceptions. 53: insufficient resources (53300 too many connections,
+        // 53100 disk full). 55000: the database is not accepting connections (`ALLOW_CONNECTIONS
+        // false`; this store never uses the other causes of 55000). 57P0x: shutdown, crash,
+        // starting up, database dropped. 3D000: no such database. 28: authentication failed.
+        return code.starts_with("08")
+            || code.starts_with("53")
+            || code == "55000"
+            || code.starts_with("57P0")
+            || code == "3D000"
+            || code.starts_with("28");
+    }
+    if db.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some() {
+        // Primary result codes (the low byte of an extended one): BUSY and LOCKED once the
+        // busy timeout has run out, IOERR, FULL (disk full), CANTOPEN.
+        let primary = db
+            .code()
+            .and_then(|c| c.parse::<i32>().ok())
+            .map(|c| c & 0xff);
+        return matches!(primary, Some(5 | 6 | 10 | 13 | 14));
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::Error;
+
+    #[tokio::test]
+    async fn sqlite_refusals_are_unavailable_and_bugs_are_internal() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("db").display());
+        let options: sqlx::sqlite::SqliteConnectOptions = url.parse().unwrap();
+        let mut conn = <sqlx::SqliteConnection as sqlx::Connection>::connect_with(
+            &options.create_if_missing(true),
+        )
+        .await
+        .unwrap();
+        let syntax = sqlx::query("SELEC 1").execute(&mut conn).await;
+        assert!(matches!(syntax.map_err(map_sqlx), Err(Error::Internal(_))));
+        // A second connection that wants the write lock another holds, with no busy timeout.
+        let mut other = <sqlx::SqliteConnection as sqlx::Connection>::connect(&url)
+            .await
+            .unwrap();
+        sqlx::query("BEGIN IMMEDIATE")
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        sqlx::query("PRAGMA busy_timeout = 0")
+            .execute(&mut other)
+            .await
+            .unwrap();
+        let busy = sqlx::query("BEGIN IMMEDIATE").execute(&mut other).await;
+        assert!(
+            matches!(busy.map_err(map_sqlx), Err(Error::Unavailable(_))),
+            "SQLITE_BUSY"
+        );
+    }
+
+    #[test]
+    fn pool_and_connection_failures_are_unavailable() {
+        for error in [
+            sqlx::Error::PoolTimedOut,
+            sqlx::Error::PoolClosed,
+            sqlx::Error::WorkerCrashed,
+            sqlx::Error::Io(std::io::ErrorKind::ConnectionRefused.into()),
+            sqlx::Error::Configuration("server does not support TLS".into()),
+        ] {
+            assert!(matches!(map_sqlx(error), Error::Unavailable(_)));
+        }
+        assert!(matches!(
+            map_sqlx(sqlx::Error::ColumnNotFound("x".into())),
+            Error::Internal(_)
+        ));
     }
 }

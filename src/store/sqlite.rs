@@ -27,9 +27,11 @@ pub struct SqliteStore {
 impl SqliteStore {
     const BACKEND: &'static str = "sqlite";
 
-    /// Opens (creating if missing) the database file named by `url`.
+    /// Opens (creating if missing, mode 0600) the database file named by `url`.
     pub async fn connect(url: &str, max_connections: u32) -> anyhow::Result<Self> {
-        let options = SqliteConnectOptions::from_str(url)?
+        let options = SqliteConnectOptions::from_str(url)?;
+        create_private_file(&options, url)?;
+        let options = options
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             // FULL: a commit is on disk before it is acknowledged.
@@ -62,3 +64,25 @@ impl SqliteStore {
 }
 
 sql_store!(SqliteStore);
+
+/// Creates a missing database file with mode 0600 before SQLite opens it: SQLite would create
+/// it with the umask's mode (0644 usually), and it gives its -wal and -shm files the mode of
+/// the database file. An existing file keeps the mode its operator gave it.
+fn create_private_file(options: &SqliteConnectOptions, url: &str) -> anyhow::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    // In-memory and read-only databases have no file to create.
+    if url.contains(":memory:") || url.contains("mode=memory") || url.contains("mode=ro") {
+        return Ok(());
+    }
+    let path = options.get_filename();
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+    {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(anyhow::Error::new(e).context(format!("creating {}", path.display()))),
+    }
+}
