@@ -86,6 +86,9 @@ pub enum Error {
     /// The request body is larger than allowed.
     #[error("payload too large")]
     PayloadTooLarge,
+    /// The request body did not arrive within the body timeout.
+    #[error("the request body was not received in time")]
+    RequestTimeout,
     /// The request body's content type is not accepted.
     #[error("unsupported media type")]
     UnsupportedMediaType,
@@ -192,6 +195,10 @@ impl Error {
                 StatusCode::PAYLOAD_TOO_LARGE,
                 json!({"message": "413 Request Entity Too Large"}),
             ),
+            Self::RequestTimeout => (
+                StatusCode::REQUEST_TIMEOUT,
+                json!({"message": "408 Request Timeout"}),
+            ),
             // Grape's body names the client's content type; a fixed one, shaped like the
             // 404 and 405 fallbacks, never reflects what a client sent.
             Self::UnsupportedMediaType => (
@@ -255,6 +262,7 @@ impl Error {
                     .join(", "),
             ),
             Self::BadRequest(message) => (Code::InvalidArgument, message.clone()),
+            Self::RequestTimeout => (Code::DeadlineExceeded, self.to_string()),
             Self::MalformedJson
             | Self::PayloadTooLarge
             | Self::UnsupportedMediaType

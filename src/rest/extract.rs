@@ -123,6 +123,8 @@ impl<S: Send + Sync> FromRequest<S> for Params {
         let body = Bytes::from_request(req, state).await.map_err(|rejection| {
             if rejection.status() == http::StatusCode::PAYLOAD_TOO_LARGE {
                 Error::PayloadTooLarge
+            } else if crate::listener::is_body_timeout(&rejection) {
+                Error::RequestTimeout
             } else {
                 Error::BadRequest("could not read the request body".into())
             }
