@@ -664,3 +664,158 @@ async fn heartbeat_timeout_drops_and_redials(#[values(Backend::Sqlite)] backend:
     );
     sim.stop().await;
 }
+
+/// An agent that accepts TCP and never speaks, whose configuration is then deleted, holds up
+/// no one: another agent's new configuration is dialled at once, and a revoked token still
+/// closes its session at once.
+#[rstest]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_agent_holds_up_no_one(
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+) {
+    // The connect and hello timeouts keep their defaults (10 s): the silent agent would hold
+    // each attempt that long.
+    let Some(gw) = Gateway::start_with(backend, |config| {
+        config.dialer.backoff.base = Duration::from_millis(100);
+        config.dialer.backoff.max = Duration::from_millis(500);
+        config.dialer.heartbeat_interval = Duration::from_millis(200);
+    })
+    .await
+    else {
+        return;
+    };
+    let (project, silent_agent, _) = new_agent(&gw, "silent").await;
+    let silent = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent_port = silent.local_addr().unwrap().port();
+    let (accepted_tx, mut accepted) = tokio::sync::mpsc::unbounded_channel();
+    let holder = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((stream, _)) = silent.accept().await {
+            held.push(stream);
+            let _ = accepted_tx.send(());
+        }
+    });
+    let silent_config = configure(
+        &gw,
+        project,
+        silent_agent,
+        json!({"url": format!("grpc://127.0.0.1:{silent_port}")}),
+    )
+    .await;
+    tokio::time::timeout(Duration::from_secs(5), accepted.recv())
+        .await
+        .expect("the gateway never dialled the silent agent");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    gw.delete(
+        ROOT_TOKEN,
+        &format!(
+            "/api/v4/projects/{project}/cluster_agents/{silent_agent}/url_configurations/{}",
+            silent_config["id"]
+        ),
+    )
+    .await
+    .expect_status(204);
+
+    let (_, agent, token) = agent_in(&gw, project, "other").await;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let started = Instant::now();
+    let config = configure(
+        &gw,
+        project,
+        agent,
+        json!({"url": format!("grpc://127.0.0.1:{port}")}),
+    )
+    .await;
+    let mut sim = sim_config(&gw, &token);
+    sim.jwt_public_key = Some(config["public_key"].as_str().unwrap().to_owned());
+    let sim = AgentSim::start(sim, listener).unwrap();
+    wait_for(&gw, project, agent, is("connected")).await;
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(3),
+        "the new configuration took {took:?} to connect"
+    );
+
+    let tokens = gw
+        .get(
+            ROOT_TOKEN,
+            &format!("/api/v4/projects/{project}/cluster_agents/{agent}/tokens"),
+        )
+        .await;
+    let token_id = tokens.body[0]["id"].as_i64().unwrap();
+    let revoked = Instant::now();
+    gw.delete(
+        ROOT_TOKEN,
+        &format!("/api/v4/projects/{project}/cluster_agents/{agent}/tokens/{token_id}"),
+    )
+    .await
+    .expect_status(204);
+    wait_for(&gw, project, agent, error_contains("agent token rejected")).await;
+    let took = revoked.elapsed();
+    assert!(
+        took < Duration::from_secs(3),
+        "the revoked token's session took {took:?} to close"
+    );
+    sim.stop().await;
+    holder.abort();
+}
+
+/// A database outage while an agent is being redialled is not the configuration's fault: the
+/// agent keeps backing off (never `failed`) and connects once both are back.
+#[rstest]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_outage_never_fails_an_agent(#[values(Backend::Postgres)] backend: Backend) {
+    let Some(gw) = fast_gateway(backend).await else {
+        return;
+    };
+    let (project, agent, token) = new_agent(&gw, "agent").await;
+    // Nothing listens there yet: the agent backs off.
+    let port = {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        listener.local_addr().unwrap().port()
+    };
+    let config = configure(
+        &gw,
+        project,
+        agent,
+        json!({"url": format!("grpc://127.0.0.1:{port}")}),
+    )
+    .await;
+    wait_for(&gw, project, agent, is("backing_off")).await;
+
+    let name = gw.pg.as_ref().unwrap().name.clone();
+    let mut admin =
+        <sqlx::PgConnection as sqlx::Connection>::connect(&common::postgres_admin_url())
+            .await
+            .unwrap();
+    let run = |sql: String| sqlx::query(sqlx::AssertSqlSafe(sql));
+    run(format!("ALTER DATABASE {name} ALLOW_CONNECTIONS false"))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    run(format!(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE datname = '{name}' AND pid <> pg_backend_pid()"
+    ))
+    .execute(&mut admin)
+    .await
+    .unwrap();
+    // Several attempts (at most 500 ms apart) happen while the database is away.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    run(format!("ALTER DATABASE {name} ALLOW_CONNECTIONS true"))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+
+    let state = connection(&gw, project, agent).await;
+    assert_ne!(state["state"], "failed", "{state}");
+    let listener = TcpListener::bind(format!("127.0.0.1:{port}"))
+        .await
+        .unwrap();
+    let mut sim = sim_config(&gw, &token);
+    sim.jwt_public_key = Some(config["public_key"].as_str().unwrap().to_owned());
+    let sim = AgentSim::start(sim, listener).unwrap();
+    wait_for(&gw, project, agent, is("connected")).await;
+    sim.stop().await;
+}

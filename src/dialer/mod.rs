@@ -141,9 +141,13 @@ pub fn spawn(
 
 async fn reconcile_loop(service: Service, settings: DialerSettings, shutdown: CancellationToken) {
     let mut running: HashMap<Id, Running> = HashMap::new();
+    let mut stopping: HashMap<Id, JoinHandle<()>> = HashMap::new();
     let changes = std::sync::Arc::clone(service.changes());
     loop {
-        if let Err(error) = reconcile(&service, &settings, &shutdown, &mut running).await {
+        stopping.retain(|_, task| !task.is_finished());
+        if let Err(error) =
+            reconcile(&service, &settings, &shutdown, &mut running, &mut stopping).await
+        {
             tracing::warn!(%error, "the dialer could not read the configurations; retrying");
         }
         tokio::select! {
@@ -152,10 +156,15 @@ async fn reconcile_loop(service: Service, settings: DialerSettings, shutdown: Ca
             () = tokio::time::sleep(settings.resync_interval) => {}
         }
     }
-    for (agent_id, session) in running.drain() {
+    for session in running.values() {
         session.cancel.cancel();
+    }
+    for (agent_id, session) in running.drain() {
         let _ = session.task.await;
         service.connections().forget(agent_id);
+    }
+    for (_, task) in stopping.drain() {
+        let _ = task.await;
     }
 }
 
@@ -166,6 +175,7 @@ async fn reconcile(
     settings: &DialerSettings,
     shutdown: &CancellationToken,
     running: &mut HashMap<Id, Running>,
+    stopping: &mut HashMap<Id, JoinHandle<()>>,
 ) -> crate::domain::Result<()> {
     let desired: HashMap<Id, UrlConfiguration> = service
         .desired_sessions()
@@ -195,11 +205,13 @@ async fn reconcile(
             _ => stop.push(*agent_id),
         }
     }
+    // Hang up without waiting: a session ends at once when cancelled, and the agent's next
+    // session (if any) waits for it, so the reconciler never waits on one agent.
     for agent_id in stop {
         if let Some(session) = running.remove(&agent_id) {
             session.cancel.cancel();
-            let _ = session.task.await;
             service.connections().forget(agent_id);
+            stopping.insert(agent_id, session.task);
         }
     }
     for (agent_id, config) in desired {
@@ -217,6 +229,7 @@ async fn reconcile(
             settings.clone(),
             requests_rx,
             cancel.clone(),
+            stopping.remove(&agent_id),
         ));
         running.insert(
             agent_id,
@@ -230,14 +243,24 @@ async fn reconcile(
     Ok(())
 }
 
-/// Dials an agent again and again, with backoff, until cancelled.
+/// Dials an agent again and again, with backoff, until cancelled; first waits for the agent's
+/// previous session, if one is still ending, so that there are never two.
 async fn keep_connected(
     service: Service,
     config: UrlConfiguration,
     settings: DialerSettings,
     mut requests: mpsc::Receiver<SessionRequest>,
     cancel: CancellationToken,
+    previous: Option<JoinHandle<()>>,
 ) {
+    if let Some(previous) = previous {
+        // Already cancelled, so it ends promptly; waited for even if this one is cancelled
+        // too, which keeps a chain of replacements in order.
+        let _ = previous.await;
+    }
+    if cancel.is_cancelled() {
+        return;
+    }
     let rng = ring::rand::SystemRandom::new();
     let mut attempt: u32 = 0;
     let waker = service.connections().waker(config.agent_id);

@@ -31,7 +31,9 @@ pub struct Ended {
     pub up_for: Duration,
 }
 
-/// Dials once and runs the session. `Err` when it never came up.
+/// Dials once and runs the session. `Err` when it never came up. Every step (reading the
+/// credentials, DNS, TCP, TLS, HTTP/2, the session call, the hello) ends at once when
+/// `cancel` is cancelled, and each has its own deadline.
 pub async fn run(
     service: &Service,
     config: &UrlConfiguration,
@@ -39,11 +41,34 @@ pub async fn run(
     requests: &mut mpsc::Receiver<SessionRequest>,
     cancel: &CancellationToken,
 ) -> Result<Ended, DialError> {
+    tokio::select! {
+        biased;
+        () = cancel.cancelled() => Err(DialError::transient("the gateway hung up")),
+        outcome = attempt(service, config, settings, requests, cancel) => outcome,
+    }
+}
+
+async fn attempt(
+    service: &Service,
+    config: &UrlConfiguration,
+    settings: &DialerSettings,
+    requests: &mut mpsc::Receiver<SessionRequest>,
+    cancel: &CancellationToken,
+) -> Result<Ended, DialError> {
     let target = Target::parse(&config.url, config.tls_host.as_deref())?;
-    let credentials = service.dial_credentials(config.id).await.map_err(|e| {
-        tracing::error!(agent_id = config.agent_id, error = %e, "cannot read the URL configuration's credentials");
-        DialError::permanent("the configuration's credentials cannot be decrypted")
-    })?;
+    let credentials = service
+        .dial_credentials(config.id)
+        .await
+        .map_err(|e| match e {
+            // The database being away says nothing about the configuration: try again.
+            crate::domain::Error::Unavailable(_) => {
+                DialError::transient("the database is unavailable: cannot read the credentials")
+            }
+            e => {
+                tracing::error!(agent_id = config.agent_id, error = %e, "cannot read the URL configuration's credentials");
+                DialError::permanent("the configuration's credentials cannot be decrypted")
+            }
+        })?;
     let (tls, signer) = match &credentials {
         DialCredentials::Jwt { pkcs8 } => {
             let signer = Ed25519KeyPair::from_pkcs8_maybe_unchecked(pkcs8)
@@ -86,16 +111,19 @@ pub async fn run(
         .http2_keep_alive_interval(settings.keepalive)
         .keep_alive_timeout(settings.keepalive_timeout)
         .keep_alive_while_idle(true);
-    let channel = endpoint
-        .connect_with_connector(tower::service_fn(move |_| {
+    let channel = tokio::time::timeout(
+        settings.connect_timeout,
+        endpoint.connect_with_connector(tower::service_fn(move |_| {
             let io = slot.lock().ok().and_then(|mut s| s.take());
             async move {
                 io.map(TokioIo::new)
                     .ok_or_else(|| std::io::Error::other("the connection was already used"))
             }
-        }))
-        .await
-        .map_err(|e| explain(&e, &target))?;
+        })),
+    )
+    .await
+    .map_err(|_| DialError::transient("the agent did not start HTTP/2 in time"))?
+    .map_err(|e| explain(&e, &target))?;
 
     let (outbound, outbound_rx) = mpsc::channel::<pb::GatewayMessage>(16);
     let mut request = tonic::Request::new(ReceiverStream::new(outbound_rx));
@@ -107,10 +135,14 @@ pub async fn run(
             .map_err(|_| DialError::permanent("the JWT is not a valid header value"))?;
         request.metadata_mut().insert("authorization", value);
     }
-    let response = ReceptiveAgentClient::new(channel)
-        .session(request)
-        .await
-        .map_err(|status| explain_status(&status))?;
+    // An agent that accepts the connection and then says nothing must not hold the attempt.
+    let response = tokio::time::timeout(
+        settings.hello_timeout,
+        ReceptiveAgentClient::new(channel).session(request),
+    )
+    .await
+    .map_err(|_| DialError::transient("the agent did not answer the session call"))?
+    .map_err(|status| explain_status(&status))?;
     let mut inbound = response.into_inner();
 
     // The agent's hello and its token.
