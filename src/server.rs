@@ -76,15 +76,76 @@ pub async fn open_service(
 ) -> anyhow::Result<(SharedStore, Service)> {
     // The keys are checked before the database is touched: a mistake in them must not
     // leave migrations applied by a gateway that then refuses to start.
+    if database_kind(config.database_url.expose()) == "postgres" && config.encryption_keys.is_none()
+    {
+        anyhow::bail!(
+            "on PostgreSQL every replica must use the same encryption keys: set \
+             KAS_GATEWAY_ENCRYPTION_KEYS (or KAS_GATEWAY_ENCRYPTION_KEYS_FILE) to the same value \
+             on each of them (a key is 32 random bytes, base64: `head -c 32 /dev/urandom | base64`)"
+        );
+    }
     create_private_dir(&config.data_dir)?;
     let secrets = load_secrets(config)?;
     let store = open_store(config).await?;
+    check_keys(store.as_ref(), &secrets, clock.now()).await?;
     let settings = Settings {
         receptive_agents: config.receptive_agents,
     };
     let service = Service::new(Arc::clone(&store), clock, secrets, settings)
         .with_denied_networks(config.dialer.denied_networks.clone());
     Ok((store, service))
+}
+
+/// Compares each encryption key's check value with the one the database recorded for its id
+/// (recording it when the id is new): a gateway whose key differs from the others' for the
+/// same id would seal secrets they cannot open, and fail to open theirs.
+async fn check_keys(
+    store: &dyn store::Store,
+    secrets: &Secrets,
+    now: crate::domain::Timestamp,
+) -> anyhow::Result<()> {
+    let ours = secrets.checks();
+    let recorded = store
+        .encryption_key_checks(&ours, now)
+        .await
+        .context("checking the encryption keys against the database")?;
+    for ((id, check), (_, stored)) in ours.iter().zip(&recorded) {
+        if check != stored {
+            anyhow::bail!(
+                "the encryption key with id {id:?} differs from the key this database has used \
+                 with that id (its check value does not match): give this gateway the same \
+                 KAS_GATEWAY_ENCRYPTION_KEYS as the others, or a new id for a new key"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Name of the lock file that keeps a second `serve` off a SQLite data directory.
+pub const LOCK_FILE: &str = "kas-gateway.lock";
+
+/// Takes the data directory's lock, held for as long as the returned file is open: SQLite
+/// is one gateway's database, and a second `serve` on it would dial every agent again.
+fn lock_data_dir(dir: &Path) -> anyhow::Result<std::fs::File> {
+    let path = dir.join(LOCK_FILE);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
+            "another kas-gateway is serving the data directory {} (it holds {}): stop it \
+             first, or give this one its own --data-dir",
+            dir.display(),
+            path.display()
+        ),
+        Err(std::fs::TryLockError::Error(error)) => {
+            Err(error).with_context(|| format!("locking {}", path.display()))
+        }
+    }
 }
 
 /// On an empty database, creates `root` with the configured token, or with a random one
@@ -151,6 +212,12 @@ pub async fn start(
     clock: SharedClock,
     requested: CancellationToken,
 ) -> anyhow::Result<Server> {
+    let lock = if database_kind(config.database_url.expose()) == "sqlite" {
+        create_private_dir(&config.data_dir)?;
+        Some(lock_data_dir(&config.data_dir)?)
+    } else {
+        None
+    };
     let (store, service) = open_service(config, clock).await?;
     bootstrap(&service, config).await?;
 
@@ -255,6 +322,7 @@ pub async fn start(
             tracing::warn!("the database connections did not close in time");
         }
         tracing::info!("stopped");
+        drop(lock);
         Ok(())
     });
     Ok(Server {

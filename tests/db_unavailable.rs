@@ -108,7 +108,9 @@ async fn a_database_refusing_connections_is_503_and_unavailable(
 
     let dir = tempfile::tempdir().unwrap();
     let mut command = with_token(dir.path(), TOKEN);
-    command.env("KAS_GATEWAY_DATABASE_URL", url.as_str());
+    command
+        .env("KAS_GATEWAY_DATABASE_URL", url.as_str())
+        .env("KAS_GATEWAY_ENCRYPTION_KEYS", common::PG_ENCRYPTION_KEYS);
     let gw = Gateway::start(command);
     let (agents, agent) = project_and_agent(&gw, TOKEN).await;
     let agent_id = agent["id"].as_i64().unwrap();

@@ -4,6 +4,7 @@
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -560,4 +561,99 @@ fn sigterm_works_with_a_closed_stderr() {
         std::thread::sleep(Duration::from_millis(50));
     };
     assert_eq!(code, Some(0));
+}
+
+/// `serve` run to its end, for a start that must fail: exit status and standard error.
+fn serve_output(mut command: Command) -> (bool, String) {
+    let output = command.arg("serve").output().unwrap();
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// On PostgreSQL the replicas share their encryption keys: none configured, or a key that
+/// differs from the one the database has seen for its id, stops the gateway with a message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_on_postgres_must_share_their_keys() {
+    if common::postgres_skipped() {
+        return;
+    }
+    let token = "glpat-shared-keys-test-token-0000";
+    let pg = common::PgDatabase::create().await;
+    let on_pg = |dir: &Path| {
+        let mut command = with_token(dir, token);
+        command.env("KAS_GATEWAY_DATABASE_URL", &pg.url);
+        command
+    };
+    let dirs: Vec<_> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
+
+    let (started, stderr) = serve_output(on_pg(dirs[0].path()));
+    assert!(!started);
+    assert!(stderr.contains("KAS_GATEWAY_ENCRYPTION_KEYS"), "{stderr}");
+
+    let mut first = on_pg(dirs[1].path());
+    first.env("KAS_GATEWAY_ENCRYPTION_KEYS", common::PG_ENCRYPTION_KEYS);
+    let first = Gateway::start(first);
+
+    let mut other_key = on_pg(dirs[2].path());
+    other_key.env(
+        "KAS_GATEWAY_ENCRYPTION_KEYS",
+        "k1=ICAgICAgICAgICAgICAgICAgICAgICAgICAgICAgICA=",
+    );
+    let (started, stderr) = serve_output(other_key);
+    assert!(!started);
+    assert!(
+        stderr.contains("the encryption key with id \"k1\" differs"),
+        "{stderr}"
+    );
+
+    let mut same_key = on_pg(dirs[3].path());
+    same_key.env("KAS_GATEWAY_ENCRYPTION_KEYS", common::PG_ENCRYPTION_KEYS);
+    let second = Gateway::start(same_key);
+    for gateway in [&first, &second] {
+        let (status, _) = send(
+            reqwest::Method::GET,
+            &gateway.url("/api/v4/user"),
+            token,
+            None,
+        )
+        .await;
+        assert_eq!(status, 200);
+    }
+}
+
+/// SQLite is one gateway's database: a second `serve` on the same data directory refuses to
+/// start while the first runs, and a lost key file is noticed instead of replaced silently.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_serve_per_sqlite_data_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = "glpat-one-serve-test-token-000000";
+    let mut first = Gateway::start(with_token(dir.path(), token));
+    let (started, stderr) = serve_output(with_token(dir.path(), token));
+    assert!(!started);
+    assert!(
+        stderr.contains("another kas-gateway is serving the data directory"),
+        "{stderr}"
+    );
+    let (status, _) = send(
+        reqwest::Method::GET,
+        &first.url("/api/v4/user"),
+        token,
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "the first one still serves");
+    first.signal("TERM");
+    assert_eq!(first.wait(), Some(0));
+    let second = Gateway::start(with_token(dir.path(), token));
+    drop(second);
+
+    std::fs::remove_file(dir.path().join("encryption-keys")).unwrap();
+    let (started, stderr) = serve_output(with_token(dir.path(), token));
+    assert!(!started, "a new key under the old id would open nothing");
+    assert!(
+        stderr.contains("the encryption key with id \"k1\" differs"),
+        "{stderr}"
+    );
 }

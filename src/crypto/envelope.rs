@@ -51,6 +51,7 @@ pub enum OpenError {
 pub struct Key {
     id: String,
     key: LessSafeKey,
+    check: String,
 }
 
 impl Key {
@@ -74,6 +75,7 @@ impl Key {
         Ok(Self {
             id: id.to_owned(),
             key: LessSafeKey::new(key),
+            check: check_value(material),
         })
     }
 
@@ -81,12 +83,25 @@ impl Key {
     pub fn id(&self) -> &str {
         &self.id
     }
+
+    /// A value that tells two keys apart without revealing either: 128 bits of
+    /// HMAC-SHA256 keyed with the material, base64. Replicas compare it through the database.
+    pub fn check(&self) -> &str {
+        &self.check
+    }
 }
 
 impl fmt::Debug for Key {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "Key({:?})", self.id)
     }
+}
+
+fn check_value(material: &[u8]) -> String {
+    use base64::Engine;
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, material);
+    let tag = ring::hmac::sign(&key, b"kas-gateway encryption key check v1");
+    base64::engine::general_purpose::STANDARD.encode(&tag.as_ref()[..16])
 }
 
 /// The keys in use: the first seals, all of them open.
@@ -112,6 +127,14 @@ impl Keyring {
     /// The id of the key that seals.
     pub fn active_id(&self) -> &str {
         self.keys.first().map_or("", |k| k.id.as_str())
+    }
+
+    /// Every key's id and check value.
+    pub fn checks(&self) -> Vec<(String, String)> {
+        self.keys
+            .iter()
+            .map(|k| (k.id.clone(), k.check.clone()))
+            .collect()
     }
 
     /// Encrypts `plaintext` for `place` under the active key.

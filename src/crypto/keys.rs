@@ -136,6 +136,11 @@ impl Secrets {
         &self.source
     }
 
+    /// Every key's id and check value (see [`Key::check`]).
+    pub fn checks(&self) -> Vec<(String, String)> {
+        self.current().checks()
+    }
+
     /// The id of the key that seals.
     pub fn active_id(&self) -> String {
         self.current().active_id().to_owned()

@@ -150,6 +150,13 @@ pub trait Store: Send + Sync + 'static {
     async fn migrate(&self) -> Result<()>;
     /// Checks that the database answers.
     async fn ping(&self) -> Result<()>;
+    /// Records the check value of every key id not seen before, and returns the value stored
+    /// for each given id (the first replica to use an id decides its value).
+    async fn encryption_key_checks(
+        &self,
+        checks: &[(String, String)],
+        now: Timestamp,
+    ) -> Result<Vec<(String, String)>>;
     /// Closes every connection, waiting for in-flight queries.
     async fn close(&self);
 

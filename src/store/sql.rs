@@ -379,6 +379,35 @@ macro_rules! sql_store {
                 self.pool.close().await;
             }
 
+            async fn encryption_key_checks(
+                &self,
+                checks: &[(String, String)],
+                now: Timestamp,
+            ) -> Result<Vec<(String, String)>> {
+                let mut stored = Vec::with_capacity(checks.len());
+                for (id, check) in checks {
+                    sqlx::query(
+                        "INSERT INTO encryption_key_checks (key_id, check_value, created_at) \
+                         VALUES ($1, $2, $3) ON CONFLICT (key_id) DO NOTHING",
+                    )
+                    .bind(id)
+                    .bind(check)
+                    .bind(now.as_millis())
+                    .execute(&self.pool)
+                    .await
+                    .map_err(map_sqlx)?;
+                    let value: String = sqlx::query_scalar(
+                        "SELECT check_value FROM encryption_key_checks WHERE key_id = $1",
+                    )
+                    .bind(id)
+                    .fetch_one(&self.pool)
+                    .await
+                    .map_err(map_sqlx)?;
+                    stored.push((id.clone(), value));
+                }
+                Ok(stored)
+            }
+
             async fn bootstrap_admin(
                 &self,
                 user: NewUser,

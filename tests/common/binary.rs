@@ -55,7 +55,9 @@ pub async fn on_backend(
         }
         super::Backend::Postgres => {
             let pg = super::PgDatabase::create().await;
-            command.env("KAS_GATEWAY_DATABASE_URL", &pg.url);
+            command
+                .env("KAS_GATEWAY_DATABASE_URL", &pg.url)
+                .env("KAS_GATEWAY_ENCRYPTION_KEYS", super::PG_ENCRYPTION_KEYS);
             Some((command, Some(pg)))
         }
     }

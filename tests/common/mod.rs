@@ -16,6 +16,8 @@ use tokio_util::sync::CancellationToken;
 
 /// The root token every test gateway starts with.
 pub const ROOT_TOKEN: &str = "glpat-root-test-token-0123456789";
+/// The encryption keys of gateways on PostgreSQL, which must be configured there.
+pub const PG_ENCRYPTION_KEYS: &str = "k1=AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
 /// The external URL test gateways announce.
 pub const EXTERNAL_URL: &str = "https://gateway.example.test";
 /// 2026-01-01T00:00:00Z: test clocks start here.
@@ -177,6 +179,7 @@ impl Gateway {
         let mut config = Config::with_data_dir(data_dir.path());
         if let Some(pg) = &pg {
             config.database_url = Secret::new(pg.url.clone());
+            config.encryption_keys = Some(Secret::new(PG_ENCRYPTION_KEYS));
         }
         config.listen = "127.0.0.1:0".parse().unwrap();
         config.external_url = Some(EXTERNAL_URL.to_owned());
