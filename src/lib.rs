@@ -10,6 +10,7 @@ pub mod domain;
 pub mod grpc;
 pub mod listener;
 pub mod proto;
+pub mod respond;
 pub mod rest;
 pub mod server;
 pub mod store;

@@ -12,6 +12,7 @@ use kas_gateway::domain::{
     AccessLevel, Caller, NewProjectInput, NewTokenInput, NewUserInput, ProjectRef, Scope, Service,
     parse_date,
 };
+use kas_gateway::respond::Respond;
 use kas_gateway::{server, telemetry};
 
 #[derive(Parser, Debug)]

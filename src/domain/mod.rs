@@ -7,7 +7,7 @@ mod service;
 pub mod validate;
 
 pub use destinations::{DENIED_NETWORKS_SETTING, DeniedNetworks};
-pub use error::{Error, Missing, ParamProblem, Reply, Result};
+pub use error::{Error, Missing, ParamProblem, Result};
 pub use model::*;
 pub use service::{
     AGENT_TOKEN_LIMIT, AgentRefusal, Caller, DialCredentials, Intent, MAX_PEM_LEN, MAX_URL_LEN,

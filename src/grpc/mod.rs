@@ -20,6 +20,7 @@ use crate::proto::v1 as pb;
 use crate::proto::v1::agents_server::{Agents, AgentsServer};
 use crate::proto::v1::sessions_server::{Sessions, SessionsServer};
 use crate::proto::v1::url_configurations_server::{UrlConfigurations, UrlConfigurationsServer};
+use crate::respond::Respond;
 
 /// `iss` of a GitLab instance's JWTs.
 pub const GITLAB_ISSUER: &str = "gitlab";

@@ -409,6 +409,7 @@ impl Check<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::respond::Respond;
     use serde_json::json;
 
     fn params(value: Value) -> Params {

@@ -17,6 +17,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use crate::domain::{Error, Service};
+use crate::respond::Respond;
 
 pub mod agents;
 pub mod extract;
