@@ -219,6 +219,10 @@ pub async fn start(
         None
     };
     let (store, service) = open_service(config, clock).await?;
+    let registry = Arc::new(crate::dialer::state::Registry::new(
+        crate::dialer::replica_name(),
+    ));
+    let service = service.with_sessions(Arc::clone(&registry) as Arc<dyn crate::domain::Sessions>);
     bootstrap(&service, config).await?;
 
     let shutdown = CancellationToken::new();
@@ -302,6 +306,7 @@ pub async fn start(
     let dialer = config.receptive_agents.then(|| {
         crate::dialer::spawn(
             service.clone(),
+            registry,
             config.dialer.clone(),
             shutdown.child_token(),
         )

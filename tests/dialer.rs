@@ -174,7 +174,7 @@ async fn jwt_over_grpcs(#[values(Backend::Sqlite, Backend::Postgres)] backend: B
     // A request through the live session.
     let response = gw
         .service()
-        .connections()
+        .sessions()
         .request(agent, "ping", b"hello".to_vec(), Duration::from_secs(5))
         .await
         .unwrap();

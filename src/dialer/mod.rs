@@ -9,6 +9,7 @@ pub mod session;
 pub mod state;
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use ring::rand::SecureRandom;
@@ -16,9 +17,9 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::domain::{DeniedNetworks, Id, Service, UrlConfiguration};
+use crate::domain::{DeniedNetworks, Id, Phase, Service, UrlConfiguration};
 use session::SessionRequest;
-use state::Phase;
+use state::Registry;
 
 /// Exponential backoff with jitter (grpc-go's defaults, as GitLab's KAS uses them).
 #[derive(Clone, Copy, Debug)]
@@ -130,23 +131,46 @@ struct Running {
     task: JoinHandle<()>,
 }
 
-/// Starts the dialer; it stops when `shutdown` is cancelled, hanging up every session.
+/// This replica's name: the host name, else a placeholder.
+pub fn replica_name() -> String {
+    std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "kas-gateway".to_owned())
+}
+
+/// Starts the dialer, which keeps `registry` up to date; it stops when `shutdown` is
+/// cancelled, hanging up every session.
 pub fn spawn(
     service: Service,
+    registry: Arc<Registry>,
     settings: DialerSettings,
     shutdown: CancellationToken,
 ) -> JoinHandle<()> {
-    tokio::spawn(reconcile_loop(service, settings, shutdown))
+    tokio::spawn(reconcile_loop(service, registry, settings, shutdown))
 }
 
-async fn reconcile_loop(service: Service, settings: DialerSettings, shutdown: CancellationToken) {
+async fn reconcile_loop(
+    service: Service,
+    registry: Arc<Registry>,
+    settings: DialerSettings,
+    shutdown: CancellationToken,
+) {
     let mut running: HashMap<Id, Running> = HashMap::new();
     let mut stopping: HashMap<Id, JoinHandle<()>> = HashMap::new();
     let changes = std::sync::Arc::clone(service.changes());
     loop {
         stopping.retain(|_, task| !task.is_finished());
-        if let Err(error) =
-            reconcile(&service, &settings, &shutdown, &mut running, &mut stopping).await
+        if let Err(error) = reconcile(
+            &service,
+            &registry,
+            &settings,
+            &shutdown,
+            &mut running,
+            &mut stopping,
+        )
+        .await
         {
             tracing::warn!(%error, "the dialer could not read the configurations; retrying");
         }
@@ -161,7 +185,7 @@ async fn reconcile_loop(service: Service, settings: DialerSettings, shutdown: Ca
     }
     for (agent_id, session) in running.drain() {
         let _ = session.task.await;
-        service.connections().forget(agent_id);
+        registry.forget(agent_id);
     }
     for (_, task) in stopping.drain() {
         let _ = task.await;
@@ -172,6 +196,7 @@ async fn reconcile_loop(service: Service, settings: DialerSettings, shutdown: Ca
 /// went away or changed, and redials sessions whose agent token was revoked.
 async fn reconcile(
     service: &Service,
+    registry: &Arc<Registry>,
     settings: &DialerSettings,
     shutdown: &CancellationToken,
     running: &mut HashMap<Id, Running>,
@@ -187,10 +212,7 @@ async fn reconcile(
     for (agent_id, session) in running.iter() {
         match desired.get(agent_id) {
             Some(config) if *config == session.config && !session.task.is_finished() => {
-                let token = service
-                    .connections()
-                    .get(*agent_id)
-                    .and_then(|c| c.token_id);
+                let token = registry.get(*agent_id).and_then(|c| c.token_id);
                 if let Some(token_id) = token
                     && !service.agent_token_active(*agent_id, token_id).await?
                 {
@@ -210,7 +232,7 @@ async fn reconcile(
     for agent_id in stop {
         if let Some(session) = running.remove(&agent_id) {
             session.cancel.cancel();
-            service.connections().forget(agent_id);
+            registry.forget(agent_id);
             stopping.insert(agent_id, session.task);
         }
     }
@@ -220,11 +242,10 @@ async fn reconcile(
         }
         let cancel = shutdown.child_token();
         let (requests, requests_rx) = mpsc::channel(16);
-        service
-            .connections()
-            .track(agent_id, config.id, &config.url, requests);
+        registry.track(agent_id, config.id, &config.url, requests);
         let task = tokio::spawn(keep_connected(
             service.clone(),
+            Arc::clone(registry),
             config.clone(),
             settings.clone(),
             requests_rx,
@@ -247,6 +268,7 @@ async fn reconcile(
 /// previous session, if one is still ending, so that there are never two.
 async fn keep_connected(
     service: Service,
+    registry: Arc<Registry>,
     config: UrlConfiguration,
     settings: DialerSettings,
     mut requests: mpsc::Receiver<SessionRequest>,
@@ -263,15 +285,23 @@ async fn keep_connected(
     }
     let rng = ring::rand::SystemRandom::new();
     let mut attempt: u32 = 0;
-    let waker = service.connections().waker(config.agent_id);
+    let waker = registry.waker(config.agent_id);
     loop {
         let now = service.now();
-        service.connections().update(config.agent_id, |c| {
+        registry.update(config.agent_id, |c| {
             c.phase = Phase::Connecting;
             c.last_attempt_at = Some(now);
             c.connected_since = None;
         });
-        let outcome = session::run(&service, &config, &settings, &mut requests, &cancel).await;
+        let outcome = session::run(
+            &service,
+            &registry,
+            &config,
+            &settings,
+            &mut requests,
+            &cancel,
+        )
+        .await;
         if cancel.is_cancelled() {
             return;
         }
@@ -288,7 +318,7 @@ async fn keep_connected(
         };
         let now = service.now();
         let phase = session::phase_after(&error);
-        service.connections().update(config.agent_id, |c| {
+        registry.update(config.agent_id, |c| {
             c.phase = phase;
             c.last_error = Some(error.message.clone());
             c.last_error_at = Some(now);

@@ -14,9 +14,9 @@ use tonic::transport::Endpoint;
 
 use super::DialerSettings;
 use super::connect::{self, DialError, Target};
-use super::state::{AgentMetadata, Phase};
+use super::state::Registry;
 use crate::crypto::jwt;
-use crate::domain::{DialCredentials, Service, UrlConfiguration};
+use crate::domain::{AgentMetadata, DialCredentials, Phase, Service, UrlConfiguration};
 use crate::proto::agent::v1 as pb;
 use crate::proto::agent::v1::receptive_agent_client::ReceptiveAgentClient;
 
@@ -36,6 +36,7 @@ pub struct Ended {
 /// `cancel` is cancelled, and each has its own deadline.
 pub async fn run(
     service: &Service,
+    registry: &Registry,
     config: &UrlConfiguration,
     settings: &DialerSettings,
     requests: &mut mpsc::Receiver<SessionRequest>,
@@ -44,12 +45,13 @@ pub async fn run(
     tokio::select! {
         biased;
         () = cancel.cancelled() => Err(DialError::transient("the gateway hung up")),
-        outcome = attempt(service, config, settings, requests, cancel) => outcome,
+        outcome = attempt(service, registry, config, settings, requests, cancel) => outcome,
     }
 }
 
 async fn attempt(
     service: &Service,
+    registry: &Registry,
     config: &UrlConfiguration,
     settings: &DialerSettings,
     requests: &mut mpsc::Receiver<SessionRequest>,
@@ -197,7 +199,7 @@ async fn attempt(
         .map_err(|_| DialError::transient("the agent closed the session"))?;
     let metadata = hello.metadata.unwrap_or_default();
     let now = service.now();
-    service.connections().update(config.agent_id, |c| {
+    registry.update(config.agent_id, |c| {
         c.phase = Phase::Connected;
         c.connected_since = Some(now);
         c.last_error = None;

@@ -1,4 +1,5 @@
-//! What the dialer knows about each agent's connection, for people and for the APIs.
+//! What the dialer knows about each agent's connection: the [`Sessions`] the transports read,
+//! as this replica's dialer keeps them.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -10,76 +11,8 @@ use std::sync::Arc;
 use tokio::sync::{Notify, broadcast, mpsc, oneshot};
 
 use super::session::SessionRequest;
-use crate::domain::{Id, Timestamp};
+use crate::domain::{Connection, Id, Phase, RequestError, SessionResponse, Sessions};
 use crate::proto::agent::v1 as pb;
-
-/// The phase of an agent's connection.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Phase {
-    /// Dialling, or waiting for the agent's hello.
-    Connecting,
-    /// A session is up and answers heartbeats.
-    Connected,
-    /// The last attempt failed; the next one waits for the backoff.
-    BackingOff,
-    /// The configuration itself cannot be used (for example its credentials cannot be
-    /// decrypted); no retry until it changes.
-    Failed,
-}
-
-impl Phase {
-    /// The phase's name on the wire.
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            Self::Connecting => "connecting",
-            Self::Connected => "connected",
-            Self::BackingOff => "backing_off",
-            Self::Failed => "failed",
-        }
-    }
-}
-
-/// What the agent said about itself in its hello.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct AgentMetadata {
-    /// Agent version.
-    pub version: String,
-    /// Agent commit.
-    pub commit: String,
-    /// Pod namespace.
-    pub pod_namespace: String,
-    /// Pod name.
-    pub pod_name: String,
-    /// Kubernetes version.
-    pub kubernetes_version: String,
-}
-
-/// One agent's connection state.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Connection {
-    /// The agent.
-    pub agent_id: Id,
-    /// Its URL configuration.
-    pub url_configuration_id: Id,
-    /// The dialled URL.
-    pub url: String,
-    /// Phase.
-    pub phase: Phase,
-    /// The last error, in words a person can act on.
-    pub last_error: Option<String>,
-    /// When the last attempt started.
-    pub last_attempt_at: Option<Timestamp>,
-    /// When the current session came up.
-    pub connected_since: Option<Timestamp>,
-    /// When the last error happened.
-    pub last_error_at: Option<Timestamp>,
-    /// The agent's metadata, once it said hello.
-    pub metadata: Option<AgentMetadata>,
-    /// The agent token the current session was accepted with.
-    pub token_id: Option<Id>,
-    /// The gateway replica that holds the agent.
-    pub replica: String,
-}
 
 /// Every connection this replica holds, with a feed of changes.
 #[derive(Debug)]
@@ -89,20 +22,6 @@ pub struct Registry {
     sessions: Mutex<HashMap<Id, mpsc::Sender<SessionRequest>>>,
     wakers: Mutex<HashMap<Id, Arc<Notify>>>,
     changes: broadcast::Sender<Connection>,
-}
-
-/// Why a request through a session did not get an answer.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-pub enum RequestError {
-    /// This replica has no session with the agent.
-    #[error("the agent is not connected")]
-    NotConnected,
-    /// The agent did not answer in time.
-    #[error("the agent did not answer in time")]
-    Timeout,
-    /// The session ended before the answer came.
-    #[error("the session ended")]
-    SessionEnded,
 }
 
 impl Registry {
@@ -264,5 +183,39 @@ impl Registry {
     /// A feed of every change from now on.
     pub fn subscribe(&self) -> broadcast::Receiver<Connection> {
         self.changes.subscribe()
+    }
+}
+
+#[async_trait::async_trait]
+impl Sessions for Registry {
+    fn get(&self, agent_id: Id) -> Option<Connection> {
+        Registry::get(self, agent_id)
+    }
+
+    fn all(&self) -> Vec<Connection> {
+        Registry::all(self)
+    }
+
+    fn subscribe(&self) -> broadcast::Receiver<Connection> {
+        Registry::subscribe(self)
+    }
+
+    fn dial_now(&self, agent_id: Id) -> bool {
+        Registry::dial_now(self, agent_id)
+    }
+
+    async fn request(
+        &self,
+        agent_id: Id,
+        method: &str,
+        payload: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<SessionResponse, RequestError> {
+        Registry::request(self, agent_id, method, payload, timeout)
+            .await
+            .map(|response| SessionResponse {
+                ok: response.status() == pb::response::Status::Ok,
+                payload: response.payload,
+            })
     }
 }

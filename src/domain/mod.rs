@@ -4,6 +4,7 @@ mod destinations;
 mod error;
 mod model;
 mod service;
+mod sessions;
 pub mod validate;
 
 pub use destinations::{DENIED_NETWORKS_SETTING, DeniedNetworks};
@@ -12,4 +13,7 @@ pub use model::*;
 pub use service::{
     AGENT_TOKEN_LIMIT, AgentRefusal, Caller, DialCredentials, Intent, MAX_PEM_LEN, MAX_URL_LEN,
     NewProjectInput, NewTokenInput, NewUserInput, Service, Settings, UrlConfigurationInput,
+};
+pub use sessions::{
+    AgentMetadata, Connection, NoSessions, Phase, RequestError, SessionResponse, Sessions,
 };

@@ -11,11 +11,11 @@ use super::model::*;
 use super::validate::{self, AgentHost, AgentUrl, UrlProblem};
 use tokio::sync::Notify;
 
+use super::sessions::{Connection, NoSessions, Sessions};
 use crate::clock::SharedClock;
 use crate::crypto::envelope::Place;
 use crate::crypto::keys::Secrets;
 use crate::crypto::{self, Secret, TokenDigest, x509};
-use crate::dialer::state::{Connection, Registry};
 use crate::store::{
     MemberRemoved, NewAgentToken, NewPersonalToken, NewProject, NewUrlConfiguration, NewUser,
     SharedStore, TokenCreated,
@@ -195,7 +195,7 @@ pub struct Service {
     secrets: Arc<Secrets>,
     settings: Settings,
     denied_networks: Arc<DeniedNetworks>,
-    connections: Arc<Registry>,
+    sessions: Arc<dyn Sessions>,
     changed: Arc<Notify>,
 }
 
@@ -222,7 +222,7 @@ impl Service {
             secrets,
             settings,
             denied_networks: Arc::new(DeniedNetworks::default()),
-            connections: Arc::new(Registry::new(replica_name())),
+            sessions: Arc::new(NoSessions::default()),
             changed: Arc::new(Notify::new()),
         }
     }
@@ -235,9 +235,16 @@ impl Service {
         self
     }
 
-    /// The connection states of the agents this replica dials.
-    pub fn connections(&self) -> &Arc<Registry> {
-        &self.connections
+    /// The same service, reading agents' sessions from `sessions` (none until this is called).
+    #[must_use]
+    pub fn with_sessions(mut self, sessions: Arc<dyn Sessions>) -> Self {
+        self.sessions = sessions;
+        self
+    }
+
+    /// The agents' sessions.
+    pub fn sessions(&self) -> &Arc<dyn Sessions> {
+        &self.sessions
     }
 
     /// Woken whenever something the dialer depends on changed (configurations, agents,
@@ -299,7 +306,7 @@ impl Service {
             .into_iter()
             .next()
             .ok_or(Error::NotFound(Missing::Resource))?;
-        Ok((config, self.connections.get(agent.id)))
+        Ok((config, self.sessions.get(agent.id)))
     }
 
     /// The store underneath (for health checks and shutdown).
@@ -1287,15 +1294,6 @@ fn check_url_configuration(
         ca_cert,
         tls_host,
     })
-}
-
-/// This replica's name: the host name, else a placeholder.
-fn replica_name() -> String {
-    std::fs::read_to_string("/etc/hostname")
-        .ok()
-        .map(|h| h.trim().to_owned())
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "kas-gateway".to_owned())
 }
 
 fn require_admin(caller: &Caller) -> Result<()> {

@@ -11,10 +11,9 @@ use tonic::{Request, Response, Status};
 use zeroize::Zeroizing;
 
 use crate::crypto::jwt;
-use crate::dialer::state::{Connection, Phase, RequestError};
 use crate::domain::{
-    Caller, Error, PageRequest, ProjectRef, Service, Timestamp, UrlConfiguration,
-    UrlConfigurationInput,
+    Caller, Connection, Error, PageRequest, Phase, ProjectRef, RequestError, Service, Timestamp,
+    UrlConfiguration, UrlConfigurationInput,
 };
 use crate::proto::v1 as pb;
 use crate::proto::v1::agents_server::{Agents, AgentsServer};
@@ -431,7 +430,7 @@ impl Sessions for Api {
         let wanted = request.get_ref().state();
         let sessions = self
             .service
-            .connections()
+            .sessions()
             .all()
             .iter()
             .map(session)
@@ -448,7 +447,7 @@ impl Sessions for Api {
         if !caller.is_admin() {
             return Err(Status::permission_denied("permission denied"));
         }
-        let registry = Arc::clone(self.service.connections());
+        let registry = Arc::clone(self.service.sessions());
         let mut changes = registry.subscribe();
         let (tx, rx) = mpsc::channel(64);
         let shutdown = self.shutdown.clone();
@@ -502,7 +501,7 @@ impl Sessions for Api {
             .connection_by_agent(&caller, r.agent_id)
             .await
             .map_err(status)?;
-        let registry = Arc::clone(self.service.connections());
+        let registry = Arc::clone(self.service.sessions());
         let deadline = Duration::from_millis(match r.deadline_ms {
             0 => 10_000,
             ms => u64::from(ms).min(60_000),
@@ -544,7 +543,7 @@ impl Sessions for Api {
         let started = Instant::now();
         let response = self
             .service
-            .connections()
+            .sessions()
             .request(r.agent_id, "ping", r.payload, Duration::from_secs(10))
             .await
             .map_err(|e| match e {

@@ -4,10 +4,9 @@ use serde::Serialize;
 use utoipa::{PartialSchema, ToSchema};
 
 use crate::crypto::Secret;
-use crate::dialer::state::{Connection, Phase};
 use crate::domain::{
-    Agent, AgentToken, Id, Member, PersonalAccessToken, Project, UrlConfiguration, User,
-    format_date,
+    Agent, AgentToken, Connection, Id, Member, PersonalAccessToken, Phase, Project,
+    UrlConfiguration, User, format_date,
 };
 
 /// `config_project` of an agent (GitLab's `ProjectIdentity`).

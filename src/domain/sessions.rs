@@ -1,0 +1,165 @@
+//! The state of agents' sessions as the transports read it (get, list, watch, dial now,
+//! requests through a session), behind an interface: this replica's dialer implements it, and
+//! the domain imports no dialer.
+
+use std::time::Duration;
+
+use tokio::sync::broadcast;
+
+use super::{Id, Timestamp};
+
+/// The phase of an agent's connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Phase {
+    /// Dialling, or waiting for the agent's hello.
+    Connecting,
+    /// A session is up and answers heartbeats.
+    Connected,
+    /// The last attempt failed; the next one waits for the backoff.
+    BackingOff,
+    /// The configuration itself cannot be used (for example its credentials cannot be
+    /// decrypted); no retry until it changes.
+    Failed,
+}
+
+impl Phase {
+    /// The phase's name on the wire.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Connecting => "connecting",
+            Self::Connected => "connected",
+            Self::BackingOff => "backing_off",
+            Self::Failed => "failed",
+        }
+    }
+}
+
+/// What the agent said about itself in its hello.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AgentMetadata {
+    /// Agent version.
+    pub version: String,
+    /// Agent commit.
+    pub commit: String,
+    /// Pod namespace.
+    pub pod_namespace: String,
+    /// Pod name.
+    pub pod_name: String,
+    /// Kubernetes version.
+    pub kubernetes_version: String,
+}
+
+/// One agent's connection state.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Connection {
+    /// The agent.
+    pub agent_id: Id,
+    /// Its URL configuration.
+    pub url_configuration_id: Id,
+    /// The dialled URL.
+    pub url: String,
+    /// Phase.
+    pub phase: Phase,
+    /// The last error, in words a person can act on.
+    pub last_error: Option<String>,
+    /// When the last attempt started.
+    pub last_attempt_at: Option<Timestamp>,
+    /// When the current session came up.
+    pub connected_since: Option<Timestamp>,
+    /// When the last error happened.
+    pub last_error_at: Option<Timestamp>,
+    /// The agent's metadata, once it said hello.
+    pub metadata: Option<AgentMetadata>,
+    /// The agent token the current session was accepted with.
+    pub token_id: Option<Id>,
+    /// The gateway replica that holds the agent.
+    pub replica: String,
+}
+
+/// Why a request through a session did not get an answer.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum RequestError {
+    /// This replica has no session with the agent.
+    #[error("the agent is not connected")]
+    NotConnected,
+    /// The agent did not answer in time.
+    #[error("the agent did not answer in time")]
+    Timeout,
+    /// The session ended before the answer came.
+    #[error("the session ended")]
+    SessionEnded,
+}
+
+/// An agent's answer to a request sent through its session.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SessionResponse {
+    /// Whether the agent handled the method (`STATUS_OK`).
+    pub ok: bool,
+    /// What it answered.
+    pub payload: Vec<u8>,
+}
+
+/// The sessions of the agents, as far as this replica knows them.
+#[async_trait::async_trait]
+pub trait Sessions: Send + Sync + std::fmt::Debug {
+    /// One agent's connection state.
+    fn get(&self, agent_id: Id) -> Option<Connection>;
+    /// Every connection state, by agent id.
+    fn all(&self) -> Vec<Connection>;
+    /// A feed of every change from now on.
+    fn subscribe(&self) -> broadcast::Receiver<Connection>;
+    /// Asks for an immediate attempt, skipping the backoff; false when the agent is not dialled
+    /// here.
+    fn dial_now(&self, agent_id: Id) -> bool;
+    /// Sends a request through the agent's live session and waits for its answer.
+    async fn request(
+        &self,
+        agent_id: Id,
+        method: &str,
+        payload: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<SessionResponse, RequestError>;
+}
+
+/// No sessions at all: for the command-line tools, which dial nothing.
+#[derive(Debug)]
+pub struct NoSessions {
+    changes: broadcast::Sender<Connection>,
+}
+
+impl Default for NoSessions {
+    fn default() -> Self {
+        Self {
+            changes: broadcast::channel(1).0,
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Sessions for NoSessions {
+    fn get(&self, _agent_id: Id) -> Option<Connection> {
+        None
+    }
+
+    fn all(&self) -> Vec<Connection> {
+        Vec::new()
+    }
+
+    fn subscribe(&self) -> broadcast::Receiver<Connection> {
+        self.changes.subscribe()
+    }
+
+    fn dial_now(&self, _agent_id: Id) -> bool {
+        false
+    }
+
+    async fn request(
+        &self,
+        _agent_id: Id,
+        _method: &str,
+        _payload: Vec<u8>,
+        _timeout: Duration,
+    ) -> Result<SessionResponse, RequestError> {
+        Err(RequestError::NotConnected)
+    }
+}
