@@ -57,6 +57,8 @@ pub struct SimEvents {
     pub accepted: AtomicU64,
     /// Sessions open right now.
     pub open_sessions: AtomicI64,
+    /// The most sessions that were ever open at once (more than one: two gateways dialled).
+    pub max_open_sessions: AtomicI64,
     /// Pings answered.
     pub pongs: AtomicU64,
     /// Refusals received from the gateway (their messages).
@@ -182,7 +184,8 @@ impl ReceptiveAgent for SimAgent {
             .map_err(|_| Status::internal("session closed"))?;
         let events = Arc::clone(&self.events);
         let shutdown = self.shutdown.clone();
-        events.open_sessions.fetch_add(1, Ordering::SeqCst);
+        let open = events.open_sessions.fetch_add(1, Ordering::SeqCst) + 1;
+        events.max_open_sessions.fetch_max(open, Ordering::SeqCst);
         tokio::spawn(async move {
             loop {
                 let message = tokio::select! {

@@ -54,6 +54,10 @@ pub struct Config {
     pub tls: Option<(PathBuf, PathBuf)>,
     /// Connection, stream and time limits of the listeners, and the shutdown drain time.
     pub limits: crate::listener::Limits,
+    /// This replica's name in the cluster, in logs and in connection states.
+    pub replica_id: String,
+    /// How long a replica's lease lasts without renewal (PostgreSQL).
+    pub lease_ttl: std::time::Duration,
 }
 
 impl std::fmt::Debug for Config {
@@ -82,6 +86,8 @@ impl std::fmt::Debug for Config {
             .field("grpc_listen", &self.grpc_listen)
             .field("tls", &self.tls)
             .field("limits", &self.limits)
+            .field("replica_id", &self.replica_id)
+            .field("lease_ttl", &self.lease_ttl)
             .finish()
     }
 }
@@ -117,11 +123,16 @@ impl Config {
             grpc_listen: None,
             tls: None,
             limits: crate::listener::Limits::default(),
+            replica_id: crate::dialer::replica_name(),
+            lease_ttl: DEFAULT_LEASE_TTL,
         }
     }
 }
 
 const DEFAULT_MAX_CONNECTIONS: u32 = 10;
+const DEFAULT_LEASE_TTL: std::time::Duration = std::time::Duration::from_secs(15);
+/// The lease must outlast the safety margin by a few seconds.
+const MIN_LEASE_TTL_SECS: u64 = 6;
 /// A configured root token must be at least this long: it is stored as a fast digest.
 const MIN_BOOTSTRAP_TOKEN_LEN: usize = 20;
 const DEFAULT_DATA_DIR: &str = "./data";
@@ -166,6 +177,8 @@ const KNOWN_ENV: &[&str] = &[
     "KAS_GATEWAY_HTTP2_MAX_CONCURRENT_STREAMS",
     "KAS_GATEWAY_SHUTDOWN_DRAIN_SECONDS",
     "KAS_GATEWAY_SHUTDOWN_BLACKOUT_SECONDS",
+    "KAS_GATEWAY_REPLICA_ID",
+    "KAS_GATEWAY_LEASE_TTL_SECONDS",
 ];
 
 /// Configuration flags shared by `serve`, `migrate` and `admin`.
@@ -284,6 +297,13 @@ pub struct ConfigArgs {
     /// [default: 0].
     #[arg(long, env = "KAS_GATEWAY_SHUTDOWN_BLACKOUT_SECONDS", global = true)]
     pub shutdown_blackout_seconds: Option<u64>,
+    /// This replica's name in the cluster [default: the host name].
+    #[arg(long, env = "KAS_GATEWAY_REPLICA_ID", global = true)]
+    pub replica_id: Option<String>,
+    /// Seconds a replica's lease on its agents lasts without renewal, on PostgreSQL
+    /// [default: 15, at least 6].
+    #[arg(long, env = "KAS_GATEWAY_LEASE_TTL_SECONDS", global = true)]
+    pub lease_ttl_seconds: Option<u64>,
 }
 
 /// The TOML file's keys: the same names as the flags, with underscores.
@@ -319,6 +339,8 @@ struct FileConfig {
     http2_max_concurrent_streams: Option<u32>,
     shutdown_drain_seconds: Option<u64>,
     shutdown_blackout_seconds: Option<u64>,
+    replica_id: Option<String>,
+    lease_ttl_seconds: Option<u64>,
 }
 
 impl ConfigArgs {
@@ -421,6 +443,20 @@ impl ConfigArgs {
                 (Some(cert), Some(key)) => Some((cert, key)),
                 (None, None) => None,
                 _ => bail!("give both the TLS certificate file and the TLS key file, or neither"),
+            },
+            replica_id: match self.replica_id.or(file.replica_id) {
+                Some(id) if id.trim().is_empty() || id.chars().any(char::is_control) => {
+                    bail!("the replica id must be a non-empty name")
+                }
+                Some(id) => id,
+                None => crate::dialer::replica_name(),
+            },
+            lease_ttl: match self.lease_ttl_seconds.or(file.lease_ttl_seconds) {
+                Some(seconds) if seconds < MIN_LEASE_TTL_SECS => bail!(
+                    "the lease TTL must be at least {MIN_LEASE_TTL_SECS} seconds (replicas hang up 3 s before it ends)"
+                ),
+                Some(seconds) => std::time::Duration::from_secs(seconds),
+                None => DEFAULT_LEASE_TTL,
             },
             limits: limits(&LimitArgs {
                 header_timeout: self

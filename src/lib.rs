@@ -3,6 +3,7 @@
 pub mod agent_sim;
 pub mod certs;
 pub mod clock;
+pub mod cluster;
 pub mod config;
 pub mod crypto;
 pub mod dialer;

@@ -220,7 +220,7 @@ pub async fn start(
     };
     let (store, service) = open_service(config, clock).await?;
     let registry = Arc::new(crate::dialer::state::Registry::new(
-        crate::dialer::replica_name(),
+        config.replica_id.clone(),
     ));
     let service = service.with_sessions(Arc::clone(&registry) as Arc<dyn crate::domain::Sessions>);
     bootstrap(&service, config).await?;
@@ -303,10 +303,24 @@ pub async fn start(
         shutdown.clone(),
     ));
 
+    let membership = match store.leases() {
+        Some(leases) if config.receptive_agents => crate::cluster::Membership::join(
+            leases,
+            crate::cluster::ClusterSettings {
+                replica_id: config.replica_id.clone(),
+                lease_ttl: config.lease_ttl,
+            },
+            Arc::clone(service.rebalance()),
+            shutdown.clone(),
+        ),
+        _ => crate::cluster::Membership::all(),
+    };
+    let held = membership.held.clone();
     let dialer = config.receptive_agents.then(|| {
         crate::dialer::spawn(
             service.clone(),
             registry,
+            held,
             config.dialer.clone(),
             shutdown.child_token(),
         )
@@ -320,6 +334,8 @@ pub async fn start(
         {
             tracing::warn!("the dialer did not stop within the drain time");
         }
+        // Only now, with every session hung up, may another replica take the agents.
+        membership.leave().await;
         if tokio::time::timeout(CLOSE_TIMEOUT, store.close())
             .await
             .is_err()

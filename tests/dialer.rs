@@ -307,8 +307,12 @@ async fn tls_and_credential_errors_in_plain_words(#[values(Backend::Sqlite)] bac
     let (_, a5, _) = new_agent(&gw, "no-dns").await;
     configure(&gw, project, a5, json!({"url": "grpc://agent.invalid:443"})).await;
 
-    let s = wait_for(&gw, project, a1, error_contains("unknown CA")).await;
-    assert_eq!(s["state"], "backing_off", "{s}");
+    // The error stays while the next attempt is under way: wait for it with the phase.
+    let unknown_ca = error_contains("unknown CA");
+    wait_for(&gw, project, a1, |s| {
+        unknown_ca(s) && s["state"] == "backing_off"
+    })
+    .await;
     wait_for(
         &gw,
         project,

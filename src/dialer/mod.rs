@@ -13,10 +13,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ring::rand::SecureRandom;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::cluster::Held;
 use crate::domain::{DeniedNetworks, Id, Phase, Service, UrlConfiguration};
 use session::SessionRequest;
 use state::Registry;
@@ -145,15 +146,17 @@ pub fn replica_name() -> String {
 pub fn spawn(
     service: Service,
     registry: Arc<Registry>,
+    held: watch::Receiver<Held>,
     settings: DialerSettings,
     shutdown: CancellationToken,
 ) -> JoinHandle<()> {
-    tokio::spawn(reconcile_loop(service, registry, settings, shutdown))
+    tokio::spawn(reconcile_loop(service, registry, held, settings, shutdown))
 }
 
 async fn reconcile_loop(
     service: Service,
     registry: Arc<Registry>,
+    mut held: watch::Receiver<Held>,
     settings: DialerSettings,
     shutdown: CancellationToken,
 ) {
@@ -162,9 +165,11 @@ async fn reconcile_loop(
     let changes = std::sync::Arc::clone(service.changes());
     loop {
         stopping.retain(|_, task| !task.is_finished());
+        let holding = held.borrow_and_update().clone();
         if let Err(error) = reconcile(
             &service,
             &registry,
+            &holding,
             &settings,
             &shutdown,
             &mut running,
@@ -177,6 +182,8 @@ async fn reconcile_loop(
         tokio::select! {
             () = shutdown.cancelled() => break,
             () = changes.notified() => {}
+            // A closed channel (the lease task ended at shutdown) changes nothing.
+            Ok(()) = held.changed() => {}
             () = tokio::time::sleep(settings.resync_interval) => {}
         }
     }
@@ -197,6 +204,7 @@ async fn reconcile_loop(
 async fn reconcile(
     service: &Service,
     registry: &Arc<Registry>,
+    held: &Held,
     settings: &DialerSettings,
     shutdown: &CancellationToken,
     running: &mut HashMap<Id, Running>,
@@ -206,6 +214,7 @@ async fn reconcile(
         .desired_sessions()
         .await?
         .into_iter()
+        .filter(|c| held.holds(c.agent_id))
         .map(|c| (c.agent_id, c))
         .collect();
     let mut stop = Vec::new();

@@ -197,6 +197,7 @@ pub struct Service {
     denied_networks: Arc<DeniedNetworks>,
     sessions: Arc<dyn Sessions>,
     changed: Arc<Notify>,
+    rebalance: Arc<Notify>,
 }
 
 impl std::fmt::Debug for Service {
@@ -224,6 +225,7 @@ impl Service {
             denied_networks: Arc::new(DeniedNetworks::default()),
             sessions: Arc::new(NoSessions::default()),
             changed: Arc::new(Notify::new()),
+            rebalance: Arc::new(Notify::new()),
         }
     }
 
@@ -253,8 +255,15 @@ impl Service {
         &self.changed
     }
 
+    /// Woken whenever the set of configurations changed, for a balancing round of the
+    /// replicas' leases.
+    pub fn rebalance(&self) -> &Arc<Notify> {
+        &self.rebalance
+    }
+
     fn changed(&self) {
         self.changed.notify_one();
+        self.rebalance.notify_one();
     }
 
     /// Every URL configuration: what the dialer should keep connected.

@@ -13,9 +13,11 @@ use crate::domain::{
     AccessLevel, Agent, AgentToken, Id, Member, PageRequest, Paged, PersonalAccessToken, Project,
     Result, Scope, SealedSecret, SecretColumn, Timestamp, UrlConfiguration, User,
 };
+pub use leases::LeaseStore;
 
 #[macro_use]
 mod sql;
+pub mod leases;
 mod postgres;
 mod sqlite;
 
@@ -150,6 +152,9 @@ pub trait Store: Send + Sync + 'static {
     async fn migrate(&self) -> Result<()>;
     /// Checks that the database answers.
     async fn ping(&self) -> Result<()>;
+    /// Leases between replicas, where several can share the database (PostgreSQL); `None`
+    /// where one gateway holds every agent (SQLite).
+    fn leases(&self) -> Option<Arc<dyn LeaseStore>>;
     /// Records the check value of every key id not seen before, and returns the value stored
     /// for each given id (the first replica to use an id decides its value).
     async fn encryption_key_checks(

@@ -42,6 +42,12 @@ impl PgStore {
         self.pool.begin().await.map_err(map_sqlx)
     }
 
+    fn lease_store(&self) -> Option<std::sync::Arc<dyn super::leases::LeaseStore>> {
+        Some(std::sync::Arc::new(super::leases::PgLeases::new(
+            self.pool.clone(),
+        )))
+    }
+
     async fn run_migrations(&self) -> Result<()> {
         // Takes an advisory lock, so replicas starting together migrate once.
         sqlx::migrate!("./migrations/postgres")

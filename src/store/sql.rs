@@ -367,6 +367,10 @@ macro_rules! sql_store {
                 self.run_migrations().await
             }
 
+            fn leases(&self) -> Option<std::sync::Arc<dyn super::leases::LeaseStore>> {
+                self.lease_store()
+            }
+
             async fn ping(&self) -> Result<()> {
                 sqlx::query("SELECT 1")
                     .execute(&self.pool)

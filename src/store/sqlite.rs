@@ -55,6 +55,11 @@ impl SqliteStore {
             .map_err(map_sqlx)
     }
 
+    /// One gateway per SQLite database (its data directory is locked): it holds every agent.
+    fn lease_store(&self) -> Option<std::sync::Arc<dyn super::leases::LeaseStore>> {
+        None
+    }
+
     async fn run_migrations(&self) -> Result<()> {
         sqlx::migrate!("./migrations/sqlite")
             .run(&self.pool)

@@ -1,0 +1,286 @@
+//! Several replicas on one PostgreSQL: this replica's lease, and which agents it holds.
+//!
+//! Each start is a new *incarnation* with a lease renewed every TTL / 3 (one statement,
+//! whatever the number of agents). After each renewal the replica claims free agents up to its
+//! fair share (`ceil(agents / live replicas)`) and gives back what it holds beyond share + 1:
+//! first it stops dialling them, and only at the next round does it release them, so that no
+//! agent is ever dialled by two replicas. **Safety rule:** a replica that has not renewed its
+//! lease for TTL − 3 s (by its own monotonic clock) stops dialling everything, before the lease
+//! can expire in the database and another replica take its agents.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{Notify, watch};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::domain::Id;
+use crate::store::LeaseStore;
+
+/// Hang up this long before the lease could expire elsewhere.
+pub const SAFETY_MARGIN: Duration = Duration::from_secs(3);
+
+/// The agents this replica dials.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Held {
+    /// Every agent: the only gateway on its database (SQLite).
+    All,
+    /// These agents, by lease.
+    These(Arc<BTreeSet<Id>>),
+}
+
+impl Held {
+    /// Whether `agent_id` is dialled here.
+    pub fn holds(&self, agent_id: Id) -> bool {
+        match self {
+            Self::All => true,
+            Self::These(agents) => agents.contains(&agent_id),
+        }
+    }
+
+    fn none() -> Self {
+        Self::These(Arc::new(BTreeSet::new()))
+    }
+}
+
+/// Lease settings.
+#[derive(Clone, Debug)]
+pub struct ClusterSettings {
+    /// This replica's name (the host name by default).
+    pub replica_id: String,
+    /// How long a lease lasts without renewal.
+    pub lease_ttl: Duration,
+}
+
+/// This replica's membership: what it holds, and how to leave.
+#[derive(Debug)]
+pub struct Membership {
+    /// The agents to dial, updated after every round.
+    pub held: watch::Receiver<Held>,
+    leases: Option<Arc<dyn LeaseStore>>,
+    incarnation: Arc<std::sync::Mutex<String>>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl Membership {
+    /// One gateway holding every agent: no leases.
+    pub fn all() -> Self {
+        let (_, held) = watch::channel(Held::All);
+        Self {
+            held,
+            leases: None,
+            incarnation: Arc::new(std::sync::Mutex::new(String::new())),
+            task: None,
+        }
+    }
+
+    /// Joins the cluster and keeps the lease until `shutdown`; `wake` asks for a round now
+    /// (a configuration was created or deleted).
+    pub fn join(
+        leases: Arc<dyn LeaseStore>,
+        settings: ClusterSettings,
+        wake: Arc<Notify>,
+        shutdown: CancellationToken,
+    ) -> Self {
+        let (tx, held) = watch::channel(Held::none());
+        let incarnation = Arc::new(std::sync::Mutex::new(new_incarnation()));
+        let task = tokio::spawn(run(
+            Arc::clone(&leases),
+            settings,
+            Arc::clone(&incarnation),
+            tx,
+            wake,
+            shutdown,
+        ));
+        Self {
+            held,
+            leases: Some(leases),
+            incarnation,
+            task: Some(task),
+        }
+    }
+
+    /// After the sessions are hung up: gives every agent back and ends the lease, so that
+    /// the others take over at once instead of after the TTL.
+    pub async fn leave(mut self) {
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+        let Some(leases) = self.leases else { return };
+        let incarnation = self
+            .incarnation
+            .lock()
+            .map(|i| i.clone())
+            .unwrap_or_default();
+        match tokio::time::timeout(Duration::from_secs(5), leases.leave(&incarnation)).await {
+            Ok(Ok(())) => tracing::info!(%incarnation, "left the cluster: agents released"),
+            Ok(Err(error)) => {
+                tracing::warn!(%error, "could not release the agents; they are free once the lease expires")
+            }
+            Err(_) => tracing::warn!(
+                "releasing the agents timed out; they are free once the lease expires"
+            ),
+        }
+    }
+}
+
+fn new_incarnation() -> String {
+    use ring::rand::SecureRandom;
+    let mut bytes = [0u8; 8];
+    let _ = ring::rand::SystemRandom::new().fill(&mut bytes);
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// `ceil(agents / replicas)`, at least 1 replica.
+pub fn fair_share(agents: i64, replicas: i64) -> i64 {
+    let replicas = replicas.max(1);
+    (agents.max(0) + replicas - 1) / replicas
+}
+
+async fn run(
+    leases: Arc<dyn LeaseStore>,
+    settings: ClusterSettings,
+    incarnation: Arc<std::sync::Mutex<String>>,
+    held: watch::Sender<Held>,
+    wake: Arc<Notify>,
+    shutdown: CancellationToken,
+) {
+    let ttl = settings.lease_ttl;
+    let heartbeat = ttl / 3;
+    let current = || incarnation.lock().map(|i| i.clone()).unwrap_or_default();
+    let mut joined = false;
+    let mut renewed_at: Option<Instant> = None;
+    let mut releasing: Vec<Id> = Vec::new();
+    let mut holding: usize = 0;
+    loop {
+        let me = current();
+        let renewal = if joined {
+            leases.renew(&me, ttl).await
+        } else {
+            leases
+                .join(&me, &settings.replica_id, ttl)
+                .await
+                .map(|()| true)
+        };
+        let renewed = matches!(renewal, Ok(true));
+        match renewal {
+            Ok(true) => {
+                if !joined {
+                    tracing::info!(incarnation = %me, replica = %settings.replica_id, "joined the cluster");
+                }
+                joined = true;
+                renewed_at = Some(Instant::now());
+            }
+            Ok(false) => {
+                // Declared dead (the lease expired): the others may have our agents. Stop
+                // everything and come back as a new incarnation.
+                tracing::warn!(incarnation = %me, "the lease was lost: hanging up and rejoining");
+                let _ = held.send(Held::none());
+                holding = 0;
+                releasing.clear();
+                joined = false;
+                renewed_at = None;
+                if let Ok(mut incarnation) = incarnation.lock() {
+                    *incarnation = new_incarnation();
+                }
+                continue;
+            }
+            Err(error) => tracing::warn!(%error, "renewing the lease failed"),
+        }
+        if renewed {
+            match round(leases.as_ref(), &me, &mut releasing, holding).await {
+                Ok(agents) => {
+                    holding = agents.len();
+                    held.send_if_modified(|current| {
+                        let next = Held::These(Arc::new(agents));
+                        let changed = *current != next;
+                        *current = next;
+                        changed
+                    });
+                }
+                Err(error) => tracing::warn!(%error, "balancing the agents failed"),
+            }
+        }
+        let safety = renewed_at.map(|at| at + ttl.saturating_sub(SAFETY_MARGIN));
+        let next = Instant::now() + heartbeat;
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep_until(next) => {}
+            () = wake.notified() => {}
+            () = sleep_until(safety.filter(|s| *s < next)) => {
+                // Still not renewed: hang up before the lease can expire elsewhere.
+                if renewed_at.is_some_and(|at| at.elapsed() >= ttl.saturating_sub(SAFETY_MARGIN)) {
+                    tracing::warn!("the lease could not be renewed in time: hanging up every agent");
+                    let _ = held.send(Held::none());
+                    holding = 0;
+                    // What was being released is hung up already; the rest is held in the
+                    // database still, and released or kept by the next successful round.
+                    renewed_at = None;
+                }
+            }
+        }
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// One round after a renewal: release what was hung up last round, claim up to the fair
+/// share, and pick the excess to hang up now (released next round).
+async fn round(
+    leases: &dyn LeaseStore,
+    me: &str,
+    releasing: &mut Vec<Id>,
+    holding: usize,
+) -> crate::domain::Result<BTreeSet<Id>> {
+    let (live, agents) = leases.census().await?;
+    let share = fair_share(agents, live);
+    let holding = i64::try_from(holding).unwrap_or(i64::MAX);
+    let claim = (share - holding).max(0);
+    let round = leases.balance(me, releasing, claim).await?;
+    releasing.clear();
+    let mut held: BTreeSet<Id> = round.held.keys().copied().collect();
+    let share = fair_share(round.agents, round.live_replicas);
+    let count = i64::try_from(held.len()).unwrap_or(i64::MAX);
+    if count > share + 1 {
+        let excess = usize::try_from(count - share).unwrap_or(0);
+        let give_back: Vec<Id> = held.iter().rev().take(excess).copied().collect();
+        for agent_id in &give_back {
+            held.remove(agent_id);
+        }
+        tracing::info!(
+            count = give_back.len(),
+            share,
+            "giving agents back to balance the replicas"
+        );
+        *releasing = give_back;
+    }
+    Ok(held)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fair_shares() {
+        assert_eq!(fair_share(300, 3), 100);
+        assert_eq!(fair_share(301, 3), 101);
+        assert_eq!(fair_share(0, 3), 0);
+        assert_eq!(fair_share(5, 0), 5);
+    }
+
+    #[test]
+    fn held_sets() {
+        assert!(Held::All.holds(7));
+        assert!(!Held::none().holds(7));
+        assert!(Held::These(Arc::new([7].into_iter().collect())).holds(7));
+    }
+}

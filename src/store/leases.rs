@@ -1,0 +1,190 @@
+//! Leases between replicas on PostgreSQL: a row per live replica, an assignment per agent. All
+//! time arithmetic is done by the database's clock (`now()`), never a replica's.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::PgPool;
+
+use super::map_sqlx;
+use crate::domain::{Id, Result};
+
+/// What one balancing round found and did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Round {
+    /// Replicas whose lease is live, this one included.
+    pub live_replicas: i64,
+    /// Agents with a URL configuration.
+    pub agents: i64,
+    /// The agents this incarnation holds after the round, with their epochs.
+    pub held: HashMap<Id, i64>,
+}
+
+/// The lease operations of one incarnation.
+#[async_trait]
+pub trait LeaseStore: Send + Sync + std::fmt::Debug {
+    /// Registers a new incarnation with a lease of `ttl`.
+    async fn join(&self, incarnation: &str, replica_id: &str, ttl: Duration) -> Result<()>;
+    /// Extends the lease; false when it had expired or is gone (the others may have taken the
+    /// agents: the incarnation is over).
+    async fn renew(&self, incarnation: &str, ttl: Duration) -> Result<bool>;
+    /// Brings the assignments in line with the configurations, releases `release` (agents
+    /// whose sessions this replica has already hung up), claims free agents up to `claim`
+    /// more than it holds, and says what it holds.
+    async fn balance(&self, incarnation: &str, release: &[Id], claim: i64) -> Result<Round>;
+    /// Counts live replicas and configured agents, for the fair share.
+    async fn census(&self) -> Result<(i64, i64)>;
+    /// Releases every assignment and the lease (on shutdown, after hanging up).
+    async fn leave(&self, incarnation: &str) -> Result<()>;
+}
+
+/// [`LeaseStore`] on PostgreSQL.
+#[derive(Clone, Debug)]
+pub struct PgLeases {
+    pool: PgPool,
+}
+
+impl PgLeases {
+    /// Leases in the database behind `pool`.
+    pub fn new(pool: PgPool) -> Self {
+        Self { pool }
+    }
+}
+
+fn seconds(ttl: Duration) -> f64 {
+    ttl.as_secs_f64()
+}
+
+#[async_trait]
+impl LeaseStore for PgLeases {
+    async fn join(&self, incarnation: &str, replica_id: &str, ttl: Duration) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO replicas (incarnation, replica_id, started_at, expires_at) \
+             VALUES ($1, $2, now(), now() + make_interval(secs => $3))",
+        )
+        .bind(incarnation)
+        .bind(replica_id)
+        .bind(seconds(ttl))
+        .execute(&self.pool)
+        .await
+        .map_err(map_sqlx)?;
+        Ok(())
+    }
+
+    async fn renew(&self, incarnation: &str, ttl: Duration) -> Result<bool> {
+        let renewed = sqlx::query(
+            "UPDATE replicas SET expires_at = now() + make_interval(secs => $2) \
+             WHERE incarnation = $1 AND expires_at > now()",
+        )
+        .bind(incarnation)
+        .bind(seconds(ttl))
+        .execute(&self.pool)
+        .await
+        .map_err(map_sqlx)?
+        .rows_affected();
+        // Rows of incarnations dead for a while are of no use to anyone.
+        sqlx::query(
+            "DELETE FROM replicas WHERE expires_at < now() - make_interval(secs => $1 * 10)",
+        )
+        .bind(seconds(ttl))
+        .execute(&self.pool)
+        .await
+        .map_err(map_sqlx)?;
+        Ok(renewed == 1)
+    }
+
+    async fn census(&self) -> Result<(i64, i64)> {
+        sqlx::query_as(
+            "SELECT (SELECT count(*) FROM replicas WHERE expires_at > now()), \
+                    (SELECT count(*) FROM agent_url_configurations)",
+        )
+        .fetch_one(&self.pool)
+        .await
+        .map_err(map_sqlx)
+    }
+
+    async fn balance(&self, incarnation: &str, release: &[Id], claim: i64) -> Result<Round> {
+        // Each statement on its own (no transaction): short row locks, and the claim's
+        // SKIP LOCKED keeps replicas from waiting on each other.
+        // Assignments follow the configurations: a row for each, none for the rest.
+        sqlx::query(
+            "INSERT INTO agent_assignments (agent_id) \
+             SELECT c.agent_id FROM agent_url_configurations c \
+             WHERE NOT EXISTS (SELECT 1 FROM agent_assignments a WHERE a.agent_id = c.agent_id) \
+             ON CONFLICT DO NOTHING",
+        )
+        .execute(&self.pool)
+        .await
+        .map_err(map_sqlx)?;
+        sqlx::query(
+            "DELETE FROM agent_assignments a WHERE NOT EXISTS \
+             (SELECT 1 FROM agent_url_configurations c WHERE c.agent_id = a.agent_id)",
+        )
+        .execute(&self.pool)
+        .await
+        .map_err(map_sqlx)?;
+        if !release.is_empty() {
+            sqlx::query(
+                "UPDATE agent_assignments SET holder = NULL \
+                 WHERE holder = $1 AND agent_id = ANY($2)",
+            )
+            .bind(incarnation)
+            .bind(release)
+            .execute(&self.pool)
+            .await
+            .map_err(map_sqlx)?;
+        }
+        if claim > 0 {
+            // Free: no holder, or a holder whose lease has expired by the database's clock.
+            // SKIP LOCKED: replicas claiming at once never wait for each other.
+            sqlx::query(
+                "UPDATE agent_assignments a SET holder = $1, epoch = a.epoch + 1 \
+                 FROM (SELECT f.agent_id FROM agent_assignments f \
+                       WHERE f.holder IS NULL OR NOT EXISTS \
+                         (SELECT 1 FROM replicas r \
+                          WHERE r.incarnation = f.holder AND r.expires_at > now()) \
+                       ORDER BY f.agent_id LIMIT $2 FOR UPDATE SKIP LOCKED) free \
+                 WHERE a.agent_id = free.agent_id",
+            )
+            .bind(incarnation)
+            .bind(claim)
+            .execute(&self.pool)
+            .await
+            .map_err(map_sqlx)?;
+        }
+        let held: Vec<(Id, i64)> =
+            sqlx::query_as("SELECT agent_id, epoch FROM agent_assignments WHERE holder = $1")
+                .bind(incarnation)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(map_sqlx)?;
+        let (live_replicas, agents): (i64, i64) = sqlx::query_as(
+            "SELECT (SELECT count(*) FROM replicas WHERE expires_at > now()), \
+                    (SELECT count(*) FROM agent_url_configurations)",
+        )
+        .fetch_one(&self.pool)
+        .await
+        .map_err(map_sqlx)?;
+        Ok(Round {
+            live_replicas,
+            agents,
+            held: held.into_iter().collect(),
+        })
+    }
+
+    async fn leave(&self, incarnation: &str) -> Result<()> {
+        let mut tx = self.pool.begin().await.map_err(map_sqlx)?;
+        sqlx::query("UPDATE agent_assignments SET holder = NULL WHERE holder = $1")
+            .bind(incarnation)
+            .execute(&mut *tx)
+            .await
+            .map_err(map_sqlx)?;
+        sqlx::query("DELETE FROM replicas WHERE incarnation = $1")
+            .bind(incarnation)
+            .execute(&mut *tx)
+            .await
+            .map_err(map_sqlx)?;
+        tx.commit().await.map_err(map_sqlx)
+    }
+}

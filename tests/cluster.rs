@@ -1,0 +1,201 @@
+//! Several replicas on one PostgreSQL, as real processes: the agents are spread over them by
+//! leases, never dialled twice at once (checked from the agents' side), taken over after a
+//! `kill -9` within the TTL and a few seconds, and handed over at once on SIGTERM.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use common::binary::{Gateway, send, with_token};
+use kas_gateway::agent_sim::{AgentSim, AgentSimConfig};
+use kas_gateway::clock::SystemClock;
+use kas_gateway::proto::agent::v1 as agent_pb;
+use kas_gateway::proto::v1 as pb;
+use reqwest::Method;
+use serde_json::json;
+use tokio::net::TcpListener;
+
+const TOKEN: &str = "glpat-cluster-test-token-0000000";
+const AGENTS: usize = 30;
+const TTL_SECONDS: u64 = 6;
+
+fn replica(dir: &Path, database: &str, name: &str) -> Gateway {
+    let mut command = with_token(dir, TOKEN);
+    command
+        .env("KAS_GATEWAY_DATABASE_URL", database)
+        .env("KAS_GATEWAY_ENCRYPTION_KEYS", common::PG_ENCRYPTION_KEYS)
+        .env("KAS_GATEWAY_REPLICA_ID", name)
+        .env("KAS_GATEWAY_LEASE_TTL_SECONDS", TTL_SECONDS.to_string())
+        .env("KAS_GATEWAY_LOG_LEVEL", "info");
+    Gateway::start(command)
+}
+
+/// Connected sessions per replica, as each replica reports its own.
+async fn connected_on(gateway: &Gateway) -> usize {
+    let channel = tonic::transport::Channel::from_shared(gateway.url(""))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut request = tonic::Request::new(pb::ListSessionsRequest {
+        state: pb::SessionState::Connected.into(),
+    });
+    request
+        .metadata_mut()
+        .insert("private-token", TOKEN.parse().unwrap());
+    pb::sessions_client::SessionsClient::new(channel)
+        .list_sessions(request)
+        .await
+        .unwrap()
+        .into_inner()
+        .sessions
+        .len()
+}
+
+/// Waits until every agent has exactly one open session; returns how long it took.
+async fn all_connected(sims: &[AgentSim], limit: Duration) -> Duration {
+    let started = Instant::now();
+    loop {
+        let open: Vec<i64> = sims
+            .iter()
+            .map(|s| s.events.open_sessions.load(Ordering::SeqCst))
+            .collect();
+        if open.iter().all(|n| *n == 1) {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < limit,
+            "not every agent was connected within {limit:?}: {open:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn assert_never_two(sims: &[AgentSim]) {
+    let most: Vec<i64> = sims
+        .iter()
+        .map(|s| s.events.max_open_sessions.load(Ordering::SeqCst))
+        .collect();
+    assert!(
+        most.iter().all(|n| *n <= 1),
+        "an agent had two sessions at once: {most:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_share_the_agents_and_take_over() {
+    if common::postgres_skipped() {
+        return;
+    }
+    let pg = common::PgDatabase::create().await;
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let mut replicas: Vec<Option<Gateway>> = dirs
+        .iter()
+        .enumerate()
+        .map(|(i, dir)| Some(replica(dir.path(), &pg.url, &format!("gw-{i}"))))
+        .collect();
+    let first = replicas[0].as_ref().unwrap();
+
+    let (_, project) = send(
+        Method::POST,
+        &first.url("/api/v4/projects"),
+        TOKEN,
+        Some(json!({"name": "p"})),
+    )
+    .await;
+    let agents_path = format!("/api/v4/projects/{}/cluster_agents", project["id"]);
+    let mut sims = Vec::new();
+    for i in 0..AGENTS {
+        let (_, agent) = send(
+            Method::POST,
+            &first.url(&agents_path),
+            TOKEN,
+            Some(json!({"name": format!("a{i}")})),
+        )
+        .await;
+        let base = format!("{agents_path}/{}", agent["id"]);
+        let (_, token) = send(
+            Method::POST,
+            &first.url(&format!("{base}/tokens")),
+            TOKEN,
+            Some(json!({"name": "t"})),
+        )
+        .await;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (status, config) = send(
+            Method::POST,
+            &first.url(&format!("{base}/url_configurations")),
+            TOKEN,
+            Some(json!({"url": format!("grpc://127.0.0.1:{port}")})),
+        )
+        .await;
+        assert_eq!(status, 201, "{config}");
+        let sim = AgentSim::start(
+            AgentSimConfig {
+                token: token["token"].as_str().unwrap().to_owned(),
+                tls: None,
+                client_ca: None,
+                jwt_public_key: Some(config["public_key"].as_str().unwrap().to_owned()),
+                jwt_audience: kas_gateway::crypto::jwt::AUDIENCE.into(),
+                metadata: agent_pb::AgentMetadata::default(),
+                clock: Arc::new(SystemClock),
+            },
+            listener,
+        )
+        .unwrap();
+        sims.push(sim);
+    }
+
+    // All connected, each by one replica, spread by fair shares (10 each, ±1).
+    all_connected(&sims, Duration::from_secs(30)).await;
+    tokio::time::sleep(Duration::from_secs(TTL_SECONDS)).await;
+    all_connected(&sims, Duration::from_secs(5)).await;
+    let mut counts = Vec::new();
+    for gateway in replicas.iter().flatten() {
+        counts.push(connected_on(gateway).await);
+    }
+    eprintln!("connected per replica: {counts:?}");
+    assert_eq!(counts.iter().sum::<usize>(), AGENTS, "{counts:?}");
+    assert!(counts.iter().all(|n| (9..=11).contains(n)), "{counts:?}");
+    assert_never_two(&sims);
+
+    // kill -9 of one replica: the others take its agents once its lease has expired.
+    let mut killed = replicas[0].take().unwrap();
+    killed.signal("KILL");
+    killed.wait();
+    let took = all_connected(&sims, Duration::from_secs(TTL_SECONDS + 10)).await;
+    assert!(
+        took <= Duration::from_secs(TTL_SECONDS + 3),
+        "the agents of a killed replica came back after {took:?}"
+    );
+    assert_never_two(&sims);
+
+    // SIGTERM: the replica hangs up and releases at once; the last one takes everything.
+    let mut leaving = replicas[1].take().unwrap();
+    leaving.signal("TERM");
+    assert_eq!(leaving.wait(), Some(0));
+    let took = all_connected(&sims, Duration::from_secs(TTL_SECONDS + 10)).await;
+    assert!(
+        took < Duration::from_secs(TTL_SECONDS / 3 + 2),
+        "the agents of a replica that left came back after {took:?}"
+    );
+    // The sessions are open; their hellos are being accepted.
+    let last = replicas[2].as_ref().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while connected_on(last).await != AGENTS {
+        assert!(
+            Instant::now() < deadline,
+            "the last replica does not hold every agent"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_never_two(&sims);
+    for sim in sims {
+        sim.stop().await;
+    }
+}
