@@ -173,6 +173,7 @@ async fn replicas_share_the_agents_and_take_over() {
         took <= Duration::from_secs(TTL_SECONDS + 3),
         "the agents of a killed replica came back after {took:?}"
     );
+    eprintln!("after kill -9, every agent was connected again within {took:?}");
     assert_never_two(&sims);
 
     // SIGTERM: the replica hangs up and releases at once; the last one takes everything.
@@ -180,10 +181,13 @@ async fn replicas_share_the_agents_and_take_over() {
     leaving.signal("TERM");
     assert_eq!(leaving.wait(), Some(0));
     let took = all_connected(&sims, Duration::from_secs(TTL_SECONDS + 10)).await;
+    // Released at once: taken at the others' next round (every TTL / 3), well before the
+    // lease would have expired.
     assert!(
-        took < Duration::from_secs(TTL_SECONDS / 3 + 2),
+        took < Duration::from_secs(TTL_SECONDS),
         "the agents of a replica that left came back after {took:?}"
     );
+    eprintln!("after SIGTERM, every agent was connected again within {took:?}");
     // The sessions are open; their hellos are being accepted.
     let last = replicas[2].as_ref().unwrap();
     let deadline = Instant::now() + Duration::from_secs(5);
