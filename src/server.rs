@@ -304,15 +304,24 @@ pub async fn start(
     ));
 
     let membership = match store.leases() {
-        Some(leases) if config.receptive_agents => crate::cluster::Membership::join(
-            leases,
-            crate::cluster::ClusterSettings {
-                replica_id: config.replica_id.clone(),
-                lease_ttl: config.lease_ttl,
-            },
-            Arc::clone(service.rebalance()),
-            shutdown.clone(),
-        ),
+        Some(leases) if config.receptive_agents => {
+            leases.follow(
+                vec![
+                    Arc::clone(service.rebalance()),
+                    Arc::clone(service.changes()),
+                ],
+                shutdown.clone(),
+            );
+            crate::cluster::Membership::join(
+                leases,
+                crate::cluster::ClusterSettings {
+                    replica_id: config.replica_id.clone(),
+                    lease_ttl: config.lease_ttl,
+                },
+                Arc::clone(service.rebalance()),
+                shutdown.clone(),
+            )
+        }
         _ => crate::cluster::Membership::all(),
     };
     let held = membership.held.clone();

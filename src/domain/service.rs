@@ -264,6 +264,14 @@ impl Service {
     fn changed(&self) {
         self.changed.notify_one();
         self.rebalance.notify_one();
+        // The other replicas look now too, rather than at their next round.
+        if let Some(leases) = self.store.leases() {
+            tokio::spawn(async move {
+                if let Err(error) = leases.announce().await {
+                    tracing::debug!(%error, "could not announce a change to the other replicas");
+                }
+            });
+        }
     }
 
     /// Every URL configuration: what the dialer should keep connected.

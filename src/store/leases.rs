@@ -4,8 +4,13 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use async_trait::async_trait;
 use sqlx::PgPool;
+use sqlx::postgres::PgListener;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
 
 use super::map_sqlx;
 use crate::domain::{Id, Result};
@@ -37,7 +42,31 @@ pub trait LeaseStore: Send + Sync + std::fmt::Debug {
     async fn census(&self) -> Result<(i64, i64)>;
     /// Releases every assignment and the lease (on shutdown, after hanging up).
     async fn leave(&self, incarnation: &str) -> Result<()>;
+    /// Tells every replica that something changed (a configuration, an agent, a token, a
+    /// release), so that they look now rather than at their next round.
+    async fn announce(&self) -> Result<()>;
+    /// Wakes every `wake` whenever a replica announces a change, until `shutdown`; once more
+    /// after each reconnection, since announcements may have been missed meanwhile.
+    fn follow(&self, wake: Vec<Arc<Notify>>, shutdown: CancellationToken);
 }
+
+/// Listens for announcements and wakes `wake` on each, and once at the start and after each
+/// reconnection (announcements may have been missed then); returns only on an error.
+async fn listen(
+    pool: &PgPool,
+    wake: &[Arc<Notify>],
+) -> std::result::Result<std::convert::Infallible, sqlx::Error> {
+    let mut listener = PgListener::connect_with(pool).await?;
+    listener.listen(CHANNEL).await?;
+    loop {
+        wake.iter().for_each(|w| w.notify_one());
+        // `None`: the connection was lost and is being re-established.
+        listener.try_recv().await?;
+    }
+}
+
+/// The channel replicas announce changes on.
+const CHANNEL: &str = "kas_gateway_changes";
 
 /// [`LeaseStore`] on PostgreSQL.
 #[derive(Clone, Debug)]
@@ -134,6 +163,7 @@ impl LeaseStore for PgLeases {
             .execute(&self.pool)
             .await
             .map_err(map_sqlx)?;
+            self.announce().await?;
         }
         if claim > 0 {
             // Free: no holder, or a holder whose lease has expired by the database's clock.
@@ -185,6 +215,39 @@ impl LeaseStore for PgLeases {
             .execute(&mut *tx)
             .await
             .map_err(map_sqlx)?;
+        // Delivered at commit.
+        sqlx::query("SELECT pg_notify($1, '')")
+            .bind(CHANNEL)
+            .execute(&mut *tx)
+            .await
+            .map_err(map_sqlx)?;
         tx.commit().await.map_err(map_sqlx)
+    }
+
+    async fn announce(&self) -> Result<()> {
+        sqlx::query("SELECT pg_notify($1, '')")
+            .bind(CHANNEL)
+            .execute(&self.pool)
+            .await
+            .map_err(map_sqlx)?;
+        Ok(())
+    }
+
+    fn follow(&self, wake: Vec<Arc<Notify>>, shutdown: CancellationToken) {
+        let pool = self.pool.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    Err(error) = listen(&pool, &wake) => {
+                        tracing::debug!(%error, "listening for the replicas' announcements failed; retrying");
+                    }
+                }
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+        });
     }
 }
