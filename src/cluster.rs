@@ -140,6 +140,74 @@ pub fn fair_share(agents: i64, replicas: i64) -> i64 {
     (agents.max(0) + replicas - 1) / replicas
 }
 
+/// The lease as the loop and the watchdog share it: when it was last renewed, and what is
+/// published to the dialer.
+#[derive(Debug)]
+struct Lease {
+    renewed_at: std::sync::Mutex<Option<Instant>>,
+    /// Hang up this long after the last renewal: TTL − the safety margin.
+    hang_up_after: Duration,
+    held: watch::Sender<Held>,
+    renewed: Notify,
+}
+
+impl Lease {
+    fn renewed_at(&self) -> Option<Instant> {
+        self.renewed_at.lock().ok().and_then(|at| *at)
+    }
+
+    fn renewed(&self, at: Instant) {
+        if let Ok(mut renewed_at) = self.renewed_at.lock() {
+            *renewed_at = Some(at);
+        }
+        self.renewed.notify_one();
+    }
+
+    /// Hangs up everything: the lease may be gone, or soon.
+    fn hang_up(&self) {
+        if let Ok(mut renewed_at) = self.renewed_at.lock() {
+            *renewed_at = None;
+            let _ = self.held.send(Held::none());
+        }
+    }
+
+    /// Publishes what a round found, unless the renewal it followed is too old by now (a
+    /// slow round must not revive sessions the safety rule ended).
+    fn publish(&self, agents: BTreeSet<Id>) {
+        let Ok(renewed_at) = self.renewed_at.lock() else {
+            return;
+        };
+        if renewed_at.is_some_and(|at| at.elapsed() < self.hang_up_after) {
+            self.held.send_if_modified(|current| {
+                let next = Held::These(Arc::new(agents));
+                let changed = *current != next;
+                *current = next;
+                changed
+            });
+        }
+    }
+}
+
+/// The safety rule, apart from the loop so that a stuck database call cannot delay it.
+async fn watchdog(lease: Arc<Lease>, shutdown: CancellationToken) {
+    loop {
+        let deadline = lease.renewed_at().map(|at| at + lease.hang_up_after);
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = lease.renewed.notified() => {}
+            () = sleep_until(deadline) => {
+                if lease
+                    .renewed_at()
+                    .is_some_and(|at| at.elapsed() >= lease.hang_up_after)
+                {
+                    tracing::warn!("the lease could not be renewed in time: hanging up every agent");
+                    lease.hang_up();
+                }
+            }
+        }
+    }
+}
+
 async fn run(
     leases: Arc<dyn LeaseStore>,
     settings: ClusterSettings,
@@ -150,39 +218,63 @@ async fn run(
 ) {
     let ttl = settings.lease_ttl;
     let heartbeat = ttl / 3;
+    let lease = Arc::new(Lease {
+        renewed_at: std::sync::Mutex::new(None),
+        hang_up_after: ttl.saturating_sub(SAFETY_MARGIN),
+        held,
+        renewed: Notify::new(),
+    });
+    tokio::spawn(watchdog(Arc::clone(&lease), shutdown.clone()));
     let current = || incarnation.lock().map(|i| i.clone()).unwrap_or_default();
     let mut joined = false;
-    let mut renewed_at: Option<Instant> = None;
     let mut releasing: Vec<Id> = Vec::new();
     let mut holding: usize = 0;
     loop {
         let me = current();
-        let renewal = if joined {
-            leases.renew(&me, ttl).await
-        } else {
-            leases
-                .join(&me, &settings.replica_id, ttl)
-                .await
-                .map(|()| true)
-        };
-        let renewed = matches!(renewal, Ok(true));
+        let started = Instant::now();
+        // Bounded: a database that does not answer is a failed renewal, not a stuck loop.
+        let renewal = tokio::time::timeout(heartbeat, async {
+            if joined {
+                leases.renew(&me, ttl).await
+            } else {
+                leases
+                    .join(&me, &settings.replica_id, ttl)
+                    .await
+                    .map(|()| true)
+            }
+        })
+        .await
+        .unwrap_or_else(|_| Err(crate::domain::Error::Unavailable("timed out".into())));
         match renewal {
             Ok(true) => {
                 if !joined {
                     tracing::info!(incarnation = %me, replica = %settings.replica_id, "joined the cluster");
                 }
                 joined = true;
-                renewed_at = Some(Instant::now());
+                // The lease runs from before the statement: measure from there.
+                lease.renewed(started);
+                let balanced = tokio::time::timeout(
+                    heartbeat,
+                    round(leases.as_ref(), &me, &mut releasing, holding),
+                )
+                .await;
+                match balanced {
+                    Ok(Ok(agents)) => {
+                        holding = agents.len();
+                        lease.publish(agents);
+                    }
+                    Ok(Err(error)) => tracing::warn!(%error, "balancing the agents failed"),
+                    Err(_) => tracing::warn!("balancing the agents timed out"),
+                }
             }
             Ok(false) => {
                 // Declared dead (the lease expired): the others may have our agents. Stop
                 // everything and come back as a new incarnation.
                 tracing::warn!(incarnation = %me, "the lease was lost: hanging up and rejoining");
-                let _ = held.send(Held::none());
+                lease.hang_up();
                 holding = 0;
                 releasing.clear();
                 joined = false;
-                renewed_at = None;
                 if let Ok(mut incarnation) = incarnation.lock() {
                     *incarnation = new_incarnation();
                 }
@@ -190,37 +282,14 @@ async fn run(
             }
             Err(error) => tracing::warn!(%error, "renewing the lease failed"),
         }
-        if renewed {
-            match round(leases.as_ref(), &me, &mut releasing, holding).await {
-                Ok(agents) => {
-                    holding = agents.len();
-                    held.send_if_modified(|current| {
-                        let next = Held::These(Arc::new(agents));
-                        let changed = *current != next;
-                        *current = next;
-                        changed
-                    });
-                }
-                Err(error) => tracing::warn!(%error, "balancing the agents failed"),
-            }
+        if lease.renewed_at().is_none() {
+            // Hung up by the safety rule: nothing is dialled, nothing is being released.
+            holding = 0;
         }
-        let safety = renewed_at.map(|at| at + ttl.saturating_sub(SAFETY_MARGIN));
-        let next = Instant::now() + heartbeat;
         tokio::select! {
             () = shutdown.cancelled() => return,
-            () = tokio::time::sleep_until(next) => {}
+            () = tokio::time::sleep(heartbeat) => {}
             () = wake.notified() => {}
-            () = sleep_until(safety.filter(|s| *s < next)) => {
-                // Still not renewed: hang up before the lease can expire elsewhere.
-                if renewed_at.is_some_and(|at| at.elapsed() >= ttl.saturating_sub(SAFETY_MARGIN)) {
-                    tracing::warn!("the lease could not be renewed in time: hanging up every agent");
-                    let _ = held.send(Held::none());
-                    holding = 0;
-                    // What was being released is hung up already; the rest is held in the
-                    // database still, and released or kept by the next successful round.
-                    renewed_at = None;
-                }
-            }
         }
     }
 }

@@ -218,3 +218,110 @@ async fn replicas_share_the_agents_and_take_over() {
         sim.stop().await;
     }
 }
+
+/// A TCP proxy in front of PostgreSQL that a test can cut and restore.
+struct Proxy {
+    port: u16,
+    up: tokio::sync::watch::Sender<bool>,
+}
+
+impl Proxy {
+    async fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (up, watch) = tokio::sync::watch::channel(true);
+        tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                let mut watch = watch.clone();
+                if !*watch.borrow() {
+                    continue;
+                }
+                tokio::spawn(async move {
+                    let Ok(mut server) = tokio::net::TcpStream::connect("127.0.0.1:5432").await
+                    else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        _ = watch.wait_for(|up| !*up) => {}
+                    }
+                });
+            }
+        });
+        Self { port, up }
+    }
+
+    fn set(&self, up: bool) {
+        let _ = self.up.send(up);
+    }
+}
+
+/// The database cut for longer than the lease: every replica hangs up by the safety rule
+/// (never two sessions for one agent, nothing `failed`), and every agent is connected again
+/// shortly after the database is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_cut_ends_sessions_by_the_safety_rule() {
+    if common::postgres_skipped() || !common::postgres_admin_url().contains("127.0.0.1:5432") {
+        return;
+    }
+    let pg = common::PgDatabase::create().await;
+    let proxy = Proxy::start().await;
+    let url = format!("postgres://postgres@127.0.0.1:{}/{}", proxy.port, pg.name);
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let replicas: Vec<Gateway> = dirs
+        .iter()
+        .enumerate()
+        .map(|(i, dir)| replica(dir.path(), &url, &format!("gw-{i}")))
+        .collect();
+    let (_, project) = send(
+        Method::POST,
+        &replicas[0].url("/api/v4/projects"),
+        TOKEN,
+        Some(json!({"name": "p"})),
+    )
+    .await;
+    let agents_path = format!("/api/v4/projects/{}/cluster_agents", project["id"]);
+    let mut sims = Vec::new();
+    for i in 0..6 {
+        sims.push(new_agent(&replicas[0], &agents_path, &format!("a{i}")).await);
+    }
+    all_connected(&sims, Duration::from_secs(20)).await;
+
+    let cut = Instant::now();
+    proxy.set(false);
+    // Within TTL − 3 s of the last renewal (at most TTL / 3 before the cut), plus slack.
+    let deadline = cut + Duration::from_secs(TTL_SECONDS);
+    loop {
+        let open: Vec<i64> = sims
+            .iter()
+            .map(|s| s.events.open_sessions.load(Ordering::SeqCst))
+            .collect();
+        if open.iter().all(|n| *n == 0) {
+            break;
+        }
+        if Instant::now() >= deadline {
+            for gateway in &replicas {
+                eprintln!("{}", gateway.log_text());
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "sessions still up {:?} after the cut: {open:?}",
+            cut.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!("every session ended {:?} after the cut", cut.elapsed());
+    tokio::time::sleep(Duration::from_secs(TTL_SECONDS + 3).saturating_sub(cut.elapsed())).await;
+    proxy.set(true);
+    let back = Instant::now();
+    all_connected(&sims, Duration::from_secs(20)).await;
+    eprintln!(
+        "every agent was connected again {:?} after the database came back",
+        back.elapsed()
+    );
+    assert_never_two(&sims);
+    for gateway in &replicas {
+        assert!(!gateway.log_text().contains("\"state\":\"failed\""));
+    }
+}

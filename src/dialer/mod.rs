@@ -210,9 +210,27 @@ async fn reconcile(
     running: &mut HashMap<Id, Running>,
     stopping: &mut HashMap<Id, JoinHandle<()>>,
 ) -> crate::domain::Result<()> {
-    let desired: HashMap<Id, UrlConfiguration> = service
-        .desired_sessions()
-        .await?
+    let configurations = match service.desired_sessions().await {
+        Ok(configurations) => configurations,
+        Err(error) => {
+            // Without the database, what is no longer held is still hung up (the safety
+            // rule); sessions that are held stay up.
+            let released: Vec<Id> = running
+                .keys()
+                .copied()
+                .filter(|agent_id| !held.holds(*agent_id))
+                .collect();
+            for agent_id in released {
+                if let Some(session) = running.remove(&agent_id) {
+                    session.cancel.cancel();
+                    registry.forget(agent_id);
+                    stopping.insert(agent_id, session.task);
+                }
+            }
+            return Err(error);
+        }
+    };
+    let desired: HashMap<Id, UrlConfiguration> = configurations
         .into_iter()
         .filter(|c| held.holds(c.agent_id))
         .map(|c| (c.agent_id, c))
