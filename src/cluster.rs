@@ -3,7 +3,7 @@
 //! Each start is a new *incarnation* with a lease renewed every TTL / 3 (one statement,
 //! whatever the number of agents). After each renewal the replica claims free agents up to its
 //! fair share (`ceil(agents / live replicas)`) and gives back what it holds beyond share + 1:
-//! first it stops dialling them, and only at the next round does it release them, so that no
+//! first it stops dialling them, and only half a second later does it release them, so that no
 //! agent is ever dialled by two replicas. **Safety rule:** a replica that has not renewed its
 //! lease for TTL − 3 s (by its own monotonic clock) stops dialling everything, before the lease
 //! can expire in the database and another replica take its agents.
@@ -19,6 +19,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::domain::Id;
 use crate::store::LeaseStore;
+
+/// How long after hanging up agents it gives back a replica releases them.
+const RELEASE_AFTER: Duration = Duration::from_millis(500);
 
 /// Hang up this long before the lease could expire elsewhere.
 pub const SAFETY_MARGIN: Duration = Duration::from_secs(3);
@@ -286,10 +289,19 @@ async fn run(
             // Hung up by the safety rule: nothing is dialled, nothing is being released.
             holding = 0;
         }
+        // Agents being given back are hung up by now (every step of a session ends at once
+        // when cancelled): release them soon rather than a whole heartbeat later, so that
+        // they are down for a moment only.
+        let pause = if releasing.is_empty() {
+            heartbeat
+        } else {
+            RELEASE_AFTER.min(heartbeat)
+        };
         tokio::select! {
             () = shutdown.cancelled() => return,
-            () = tokio::time::sleep(heartbeat) => {}
-            () = wake.notified() => {}
+            () = tokio::time::sleep(pause) => {}
+            // Not while giving agents back: the pause is what keeps them from two replicas.
+            () = wake.notified(), if releasing.is_empty() => {}
         }
     }
 }

@@ -325,3 +325,131 @@ async fn a_database_cut_ends_sessions_by_the_safety_rule() {
         assert!(!gateway.log_text().contains("\"state\":\"failed\""));
     }
 }
+
+/// Samples every agent's open sessions and keeps, per agent, the longest time it had none.
+struct DownTime {
+    longest: Arc<std::sync::Mutex<Vec<Duration>>>,
+    stop: tokio::sync::oneshot::Sender<()>,
+}
+
+impl DownTime {
+    fn watch(sims: &[AgentSim]) -> Self {
+        let events: Vec<_> = sims.iter().map(|s| Arc::clone(&s.events)).collect();
+        let longest = Arc::new(std::sync::Mutex::new(vec![Duration::ZERO; events.len()]));
+        let (stop, mut stopped) = tokio::sync::oneshot::channel();
+        let record = Arc::clone(&longest);
+        tokio::spawn(async move {
+            let mut down_since: Vec<Option<Instant>> = vec![None; events.len()];
+            loop {
+                for (i, events) in events.iter().enumerate() {
+                    let open = events.open_sessions.load(Ordering::SeqCst);
+                    match (open, down_since[i]) {
+                        (0, None) => down_since[i] = Some(Instant::now()),
+                        (0, Some(_)) => {}
+                        (_, Some(since)) => {
+                            let mut longest = record.lock().unwrap();
+                            longest[i] = longest[i].max(since.elapsed());
+                            down_since[i] = None;
+                        }
+                        (_, None) => {}
+                    }
+                }
+                tokio::select! {
+                    _ = &mut stopped => return,
+                    () = tokio::time::sleep(Duration::from_millis(20)) => {}
+                }
+            }
+        });
+        Self { longest, stop }
+    }
+
+    fn longest(self) -> Duration {
+        let _ = self.stop.send(());
+        self.longest
+            .lock()
+            .unwrap()
+            .iter()
+            .copied()
+            .max()
+            .unwrap_or_default()
+    }
+}
+
+/// A fourth replica takes a share within a few renewals, and a rolling SIGTERM restart of
+/// every replica keeps each agent down for a moment only, never dialled twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn joining_and_rolling_restarts() {
+    if common::postgres_skipped() {
+        return;
+    }
+    let pg = common::PgDatabase::create().await;
+    let dirs: Vec<_> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
+    let mut replicas: Vec<Gateway> = dirs[..3]
+        .iter()
+        .enumerate()
+        .map(|(i, dir)| replica(dir.path(), &pg.url, &format!("gw-{i}")))
+        .collect();
+    let (_, project) = send(
+        Method::POST,
+        &replicas[0].url("/api/v4/projects"),
+        TOKEN,
+        Some(json!({"name": "p"})),
+    )
+    .await;
+    let agents_path = format!("/api/v4/projects/{}/cluster_agents", project["id"]);
+    let mut sims = Vec::new();
+    for i in 0..AGENTS {
+        sims.push(new_agent(&replicas[0], &agents_path, &format!("a{i}")).await);
+    }
+    all_connected(&sims, Duration::from_secs(30)).await;
+
+    // A fourth replica: within three renewals (one TTL) the others have given back their
+    // excess over the new share (8) and the newcomer holds it.
+    let down = DownTime::watch(&sims);
+    let joined = Instant::now();
+    replicas.push(replica(dirs[3].path(), &pg.url, "gw-3"));
+    let mut counts = Vec::new();
+    loop {
+        counts.clear();
+        for gateway in &replicas {
+            counts.push(connected_on(gateway).await);
+        }
+        if counts[3] >= 6 && counts.iter().sum::<usize>() == AGENTS {
+            break;
+        }
+        assert!(
+            joined.elapsed() < Duration::from_secs(TTL_SECONDS + 4),
+            "the new replica did not take a share: {counts:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!(
+        "after a join, per replica: {counts:?} within {:?}",
+        joined.elapsed()
+    );
+    assert!(counts.iter().all(|n| *n <= 9), "{counts:?}");
+    all_connected(&sims, Duration::from_secs(5)).await;
+    let longest = down.longest();
+    eprintln!("longest time an agent was down during the join: {longest:?}");
+    assert!(
+        longest < Duration::from_secs(2),
+        "an agent was down {longest:?}"
+    );
+    assert_never_two(&sims);
+
+    // A rolling restart: each replica in turn stops (SIGTERM) and starts again.
+    let down = DownTime::watch(&sims);
+    for (i, dir) in dirs.iter().enumerate() {
+        replicas[i].signal("TERM");
+        assert_eq!(replicas[i].wait(), Some(0));
+        replicas[i] = replica(dir.path(), &pg.url, &format!("gw-{i}"));
+        all_connected(&sims, Duration::from_secs(10)).await;
+    }
+    let longest = down.longest();
+    eprintln!("longest time an agent was down during the rolling restart: {longest:?}");
+    assert!(
+        longest < Duration::from_secs(2),
+        "an agent was down {longest:?}"
+    );
+    assert_never_two(&sims);
+}
