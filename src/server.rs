@@ -327,7 +327,7 @@ pub async fn start(
     let held = membership.held.clone();
     let dialer = config.receptive_agents.then(|| {
         crate::dialer::spawn(
-            service.clone(),
+            Arc::new(service.clone()) as Arc<dyn crate::dialer::Port>,
             registry,
             held,
             config.dialer.clone(),

@@ -174,8 +174,9 @@ async fn replicas_share_the_agents_and_take_over() {
     sims.push(new_agent(second, &agents_path, "late").await);
     all_connected(&sims, Duration::from_secs(10)).await;
     let took = created.elapsed();
+    // Typically within 0.1–0.3 s; the bound leaves room for a loaded machine.
     assert!(
-        took < Duration::from_secs(2),
+        took < Duration::from_secs(TTL_SECONDS / 2),
         "a new configuration was dialled after {took:?}"
     );
     eprintln!("a configuration created through a replica was connected within {took:?}");
@@ -197,9 +198,16 @@ async fn replicas_share_the_agents_and_take_over() {
     leaving.signal("TERM");
     assert_eq!(leaving.wait(), Some(0));
     let took = all_connected(&sims, Duration::from_secs(TTL_SECONDS + 10)).await;
-    // Released and announced at once: taken within a second or two, not after the TTL.
+    // Released and announced at once: typically taken within 0.1 s; the bound leaves room for
+    // a loaded machine.
     assert!(
-        took < Duration::from_secs(2),
+        leaving
+            .log_text()
+            .contains("left the cluster: agents released"),
+        "the leaving replica did not release its agents"
+    );
+    assert!(
+        took < Duration::from_secs(TTL_SECONDS),
         "the agents of a replica that left came back after {took:?}"
     );
     eprintln!("after SIGTERM, every agent was connected again within {took:?}");

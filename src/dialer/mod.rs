@@ -18,9 +18,13 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::cluster::Held;
-use crate::domain::{DeniedNetworks, Id, Phase, Service, UrlConfiguration};
+use crate::domain::{
+    AgentRefusal, AgentToken, DeniedNetworks, DialCredentials, Id, Phase, Service, Timestamp,
+    UrlConfiguration,
+};
 use session::SessionRequest;
 use state::Registry;
+use tokio::sync::Notify;
 
 /// Exponential backoff with jitter (grpc-go's defaults, as GitLab's KAS uses them).
 #[derive(Clone, Copy, Debug)]
@@ -126,6 +130,59 @@ pub fn parse_denied_networks(value: &str) -> Result<DeniedNetworks, InvalidNetwo
     Ok(DeniedNetworks::new(networks))
 }
 
+/// What the dialer needs from the rest of the gateway, and nothing more: the configurations,
+/// their credentials, the agent token checks, and a wake-up when any of them change.
+#[async_trait::async_trait]
+pub trait Port: Send + Sync + 'static {
+    /// Every URL configuration (which of them this replica dials is [`Held`]'s to say).
+    async fn configurations(&self) -> crate::domain::Result<Vec<UrlConfiguration>>;
+    /// The decrypted credentials of a configuration.
+    async fn credentials(&self, config_id: Id) -> crate::domain::Result<DialCredentials>;
+    /// Checks the token an agent presented after being dialled as `agent_id`.
+    async fn check_agent_token(
+        &self,
+        agent_id: Id,
+        token: &str,
+    ) -> crate::domain::Result<Result<AgentToken, AgentRefusal>>;
+    /// Whether the token a session was accepted with is still active (not revoked).
+    async fn token_active(&self, agent_id: Id, token_id: Id) -> crate::domain::Result<bool>;
+    /// Woken whenever configurations, agents or tokens changed.
+    fn changes(&self) -> Arc<Notify>;
+    /// The time, from the gateway's clock.
+    fn now(&self) -> Timestamp;
+}
+
+#[async_trait::async_trait]
+impl Port for Service {
+    async fn configurations(&self) -> crate::domain::Result<Vec<UrlConfiguration>> {
+        self.desired_sessions().await
+    }
+
+    async fn credentials(&self, config_id: Id) -> crate::domain::Result<DialCredentials> {
+        self.dial_credentials(config_id).await
+    }
+
+    async fn check_agent_token(
+        &self,
+        agent_id: Id,
+        token: &str,
+    ) -> crate::domain::Result<Result<AgentToken, AgentRefusal>> {
+        self.authenticate_agent(agent_id, token).await
+    }
+
+    async fn token_active(&self, agent_id: Id, token_id: Id) -> crate::domain::Result<bool> {
+        self.agent_token_active(agent_id, token_id).await
+    }
+
+    fn changes(&self) -> Arc<Notify> {
+        Arc::clone(Service::changes(self))
+    }
+
+    fn now(&self) -> Timestamp {
+        Service::now(self)
+    }
+}
+
 struct Running {
     config: UrlConfiguration,
     cancel: CancellationToken,
@@ -144,17 +201,17 @@ pub fn replica_name() -> String {
 /// Starts the dialer, which keeps `registry` up to date; it stops when `shutdown` is
 /// cancelled, hanging up every session.
 pub fn spawn(
-    service: Service,
+    port: Arc<dyn Port>,
     registry: Arc<Registry>,
     held: watch::Receiver<Held>,
     settings: DialerSettings,
     shutdown: CancellationToken,
 ) -> JoinHandle<()> {
-    tokio::spawn(reconcile_loop(service, registry, held, settings, shutdown))
+    tokio::spawn(reconcile_loop(port, registry, held, settings, shutdown))
 }
 
 async fn reconcile_loop(
-    service: Service,
+    port: Arc<dyn Port>,
     registry: Arc<Registry>,
     mut held: watch::Receiver<Held>,
     settings: DialerSettings,
@@ -162,12 +219,12 @@ async fn reconcile_loop(
 ) {
     let mut running: HashMap<Id, Running> = HashMap::new();
     let mut stopping: HashMap<Id, JoinHandle<()>> = HashMap::new();
-    let changes = std::sync::Arc::clone(service.changes());
+    let changes = port.changes();
     loop {
         stopping.retain(|_, task| !task.is_finished());
         let holding = held.borrow_and_update().clone();
         if let Err(error) = reconcile(
-            &service,
+            &port,
             &registry,
             &holding,
             &settings,
@@ -202,7 +259,7 @@ async fn reconcile_loop(
 /// Brings the running sessions in line with the store: starts what is new, hangs up what
 /// went away or changed, and redials sessions whose agent token was revoked.
 async fn reconcile(
-    service: &Service,
+    port: &Arc<dyn Port>,
     registry: &Arc<Registry>,
     held: &Held,
     settings: &DialerSettings,
@@ -210,7 +267,7 @@ async fn reconcile(
     running: &mut HashMap<Id, Running>,
     stopping: &mut HashMap<Id, JoinHandle<()>>,
 ) -> crate::domain::Result<()> {
-    let configurations = match service.desired_sessions().await {
+    let configurations = match port.configurations().await {
         Ok(configurations) => configurations,
         Err(error) => {
             // Without the database, what is no longer held is still hung up (the safety
@@ -241,7 +298,7 @@ async fn reconcile(
             Some(config) if *config == session.config && !session.task.is_finished() => {
                 let token = registry.get(*agent_id).and_then(|c| c.token_id);
                 if let Some(token_id) = token
-                    && !service.agent_token_active(*agent_id, token_id).await?
+                    && !port.token_active(*agent_id, token_id).await?
                 {
                     tracing::info!(
                         agent_id,
@@ -271,7 +328,7 @@ async fn reconcile(
         let (requests, requests_rx) = mpsc::channel(16);
         registry.track(agent_id, config.id, &config.url, requests);
         let task = tokio::spawn(keep_connected(
-            service.clone(),
+            Arc::clone(port),
             Arc::clone(registry),
             config.clone(),
             settings.clone(),
@@ -294,7 +351,7 @@ async fn reconcile(
 /// Dials an agent again and again, with backoff, until cancelled; first waits for the agent's
 /// previous session, if one is still ending, so that there are never two.
 async fn keep_connected(
-    service: Service,
+    port: Arc<dyn Port>,
     registry: Arc<Registry>,
     config: UrlConfiguration,
     settings: DialerSettings,
@@ -314,14 +371,14 @@ async fn keep_connected(
     let mut attempt: u32 = 0;
     let waker = registry.waker(config.agent_id);
     loop {
-        let now = service.now();
+        let now = port.now();
         registry.update(config.agent_id, |c| {
             c.phase = Phase::Connecting;
             c.last_attempt_at = Some(now);
             c.connected_since = None;
         });
         let outcome = session::run(
-            &service,
+            port.as_ref(),
             &registry,
             &config,
             &settings,
@@ -343,7 +400,7 @@ async fn keep_connected(
             }
             Err(error) => error,
         };
-        let now = service.now();
+        let now = port.now();
         let phase = session::phase_after(&error);
         registry.update(config.agent_id, |c| {
             c.phase = phase;

@@ -16,7 +16,7 @@ use super::DialerSettings;
 use super::connect::{self, DialError, Target};
 use super::state::Registry;
 use crate::crypto::jwt;
-use crate::domain::{AgentMetadata, DialCredentials, Phase, Service, UrlConfiguration};
+use crate::domain::{AgentMetadata, DialCredentials, Phase, UrlConfiguration};
 use crate::proto::agent::v1 as pb;
 use crate::proto::agent::v1::receptive_agent_client::ReceptiveAgentClient;
 
@@ -35,7 +35,7 @@ pub struct Ended {
 /// credentials, DNS, TCP, TLS, HTTP/2, the session call, the hello) ends at once when
 /// `cancel` is cancelled, and each has its own deadline.
 pub async fn run(
-    service: &Service,
+    port: &dyn super::Port,
     registry: &Registry,
     config: &UrlConfiguration,
     settings: &DialerSettings,
@@ -45,12 +45,12 @@ pub async fn run(
     tokio::select! {
         biased;
         () = cancel.cancelled() => Err(DialError::transient("the gateway hung up")),
-        outcome = attempt(service, registry, config, settings, requests, cancel) => outcome,
+        outcome = attempt(port, registry, config, settings, requests, cancel) => outcome,
     }
 }
 
 async fn attempt(
-    service: &Service,
+    port: &dyn super::Port,
     registry: &Registry,
     config: &UrlConfiguration,
     settings: &DialerSettings,
@@ -58,8 +58,8 @@ async fn attempt(
     cancel: &CancellationToken,
 ) -> Result<Ended, DialError> {
     let target = Target::parse(&config.url, config.tls_host.as_deref())?;
-    let credentials = service
-        .dial_credentials(config.id)
+    let credentials = port
+        .credentials(config.id)
         .await
         .map_err(|e| match e {
             // The database being away says nothing about the configuration: try again.
@@ -130,7 +130,7 @@ async fn attempt(
     let (outbound, outbound_rx) = mpsc::channel::<pb::GatewayMessage>(16);
     let mut request = tonic::Request::new(ReceiverStream::new(outbound_rx));
     if let Some(signer) = &signer {
-        let token = jwt::sign(signer, &jwt::Claims::issued_at(service.now()))
+        let token = jwt::sign(signer, &jwt::Claims::issued_at(port.now()))
             .map_err(|e| DialError::permanent(format!("cannot sign the JWT: {e}")))?;
         let value = format!("Bearer {token}")
             .parse()
@@ -161,8 +161,8 @@ async fn attempt(
             .await;
         return Err(DialError::transient("the agent did not start with a hello"));
     };
-    let accepted = service
-        .authenticate_agent(config.agent_id, &hello.agent_token)
+    let accepted = port
+        .check_agent_token(config.agent_id, &hello.agent_token)
         .await
         .map_err(|e| DialError::transient(format!("cannot check the agent token: {e}")))?;
     let token = match accepted {
@@ -198,7 +198,7 @@ async fn attempt(
         .await
         .map_err(|_| DialError::transient("the agent closed the session"))?;
     let metadata = hello.metadata.unwrap_or_default();
-    let now = service.now();
+    let now = port.now();
     registry.update(config.agent_id, |c| {
         c.phase = Phase::Connected;
         c.connected_since = Some(now);
