@@ -66,6 +66,7 @@ pub struct Membership {
     leases: Option<Arc<dyn LeaseStore>>,
     incarnation: Arc<std::sync::Mutex<String>>,
     task: Option<JoinHandle<()>>,
+    stop: CancellationToken,
 }
 
 impl Membership {
@@ -77,11 +78,14 @@ impl Membership {
             leases: None,
             incarnation: Arc::new(std::sync::Mutex::new(String::new())),
             task: None,
+            stop: CancellationToken::new(),
         }
     }
 
-    /// Joins the cluster and keeps the lease until `shutdown`; `wake` asks for a round now
-    /// (a configuration was created or deleted).
+    /// Joins the cluster; `wake` asks for a round now (a configuration was created or
+    /// deleted). From `shutdown` on it claims nothing more, but keeps renewing the lease (and
+    /// the safety rule keeps watching) until [`Membership::leave`], so that sessions still
+    /// being hung up stay covered.
     pub fn join(
         leases: Arc<dyn LeaseStore>,
         settings: ClusterSettings,
@@ -90,6 +94,7 @@ impl Membership {
     ) -> Self {
         let (tx, held) = watch::channel(Held::none());
         let incarnation = Arc::new(std::sync::Mutex::new(new_incarnation()));
+        let stop = CancellationToken::new();
         let task = tokio::spawn(run(
             Arc::clone(&leases),
             settings,
@@ -97,18 +102,21 @@ impl Membership {
             tx,
             wake,
             shutdown,
+            stop.clone(),
         ));
         Self {
             held,
             leases: Some(leases),
             incarnation,
             task: Some(task),
+            stop,
         }
     }
 
     /// After the sessions are hung up: gives every agent back and ends the lease, so that
     /// the others take over at once instead of after the TTL.
     pub async fn leave(mut self) {
+        self.stop.cancel();
         if let Some(task) = self.task.take() {
             let _ = task.await;
         }
@@ -218,6 +226,7 @@ async fn run(
     held: watch::Sender<Held>,
     wake: Arc<Notify>,
     shutdown: CancellationToken,
+    stop: CancellationToken,
 ) {
     let ttl = settings.lease_ttl;
     let heartbeat = ttl / 3;
@@ -227,7 +236,7 @@ async fn run(
         held,
         renewed: Notify::new(),
     });
-    tokio::spawn(watchdog(Arc::clone(&lease), shutdown.clone()));
+    tokio::spawn(watchdog(Arc::clone(&lease), stop.clone()));
     let current = || incarnation.lock().map(|i| i.clone()).unwrap_or_default();
     let mut joined = false;
     let mut releasing: Vec<Id> = Vec::new();
@@ -256,6 +265,14 @@ async fn run(
                 joined = true;
                 // The lease runs from before the statement: measure from there.
                 lease.renewed(started);
+                if shutdown.is_cancelled() {
+                    // Shutting down: keep the lease, take nothing new.
+                    continue_after(&stop, heartbeat).await;
+                    if stop.is_cancelled() {
+                        return;
+                    }
+                    continue;
+                }
                 let balanced = tokio::time::timeout(
                     heartbeat,
                     round(leases.as_ref(), &me, &mut releasing, holding),
@@ -298,11 +315,21 @@ async fn run(
             RELEASE_AFTER.min(heartbeat)
         };
         tokio::select! {
-            () = shutdown.cancelled() => return,
+            () = stop.cancelled() => return,
+            // Shutting down: the next round only renews.
+            () = shutdown.cancelled(), if !shutdown.is_cancelled() => {}
             () = tokio::time::sleep(pause) => {}
             // Not while giving agents back: the pause is what keeps them from two replicas.
             () = wake.notified(), if releasing.is_empty() => {}
         }
+    }
+}
+
+/// Waits `pause`, or until `stop`.
+async fn continue_after(stop: &CancellationToken, pause: Duration) {
+    tokio::select! {
+        () = stop.cancelled() => {}
+        () = tokio::time::sleep(pause) => {}
     }
 }
 
