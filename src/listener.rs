@@ -19,7 +19,7 @@ use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::CancellationToken;
@@ -305,12 +305,12 @@ async fn http<I>(
     tokio::pin!(connection);
     let mut closing = false;
     let mut give_up_at: Option<Instant> = None;
+    // One timer per connection, reset only when it fires: requests themselves never wake
+    // this task (they only count themselves in `activity`), so the idle watch costs nothing
+    // per request.
+    let check = tokio::time::sleep_until(first_request_by);
+    tokio::pin!(check);
     loop {
-        let idle_deadline = if closing {
-            None
-        } else {
-            activity.idle_deadline(first_request_by, limits.idle_timeout)
-        };
         tokio::select! {
             served = connection.as_mut() => {
                 if let Err(error) = served {
@@ -321,37 +321,42 @@ async fn http<I>(
             () = shutdown.cancelled(), if !closing => {
                 connection.as_mut().graceful_shutdown();
                 closing = true;
+                // The drain time bounds it from here.
+                check.as_mut().reset(Instant::now() + FAR_AWAY);
             }
-            () = sleep_until(idle_deadline), if idle_deadline.is_some() => {
-                if activity.idle_deadline(first_request_by, limits.idle_timeout)
-                    .is_some_and(|deadline| deadline <= Instant::now())
-                {
-                    tracing::debug!(%peer, "closing an idle connection");
-                    connection.as_mut().graceful_shutdown();
-                    closing = true;
-                    // Nothing is in progress: a client that does not close its end within
-                    // a second is cut off.
-                    give_up_at = Some(Instant::now() + Duration::from_secs(1));
+            () = &mut check => {
+                let now = Instant::now();
+                if give_up_at.is_some_and(|at| at <= now) {
+                    return;
+                }
+                match activity.idle_deadline(first_request_by, limits.idle_timeout) {
+                    Some(deadline) if deadline <= now => {
+                        tracing::debug!(%peer, "closing an idle connection");
+                        connection.as_mut().graceful_shutdown();
+                        closing = true;
+                        // Nothing is in progress: a client that does not close its end
+                        // within a second is cut off.
+                        let at = now + Duration::from_secs(1);
+                        give_up_at = Some(at);
+                        check.as_mut().reset(at);
+                    }
+                    Some(deadline) => check.as_mut().reset(deadline),
+                    // Busy: look again after an idle timeout; a request in progress never
+                    // makes the deadline earlier than that.
+                    None => check.as_mut().reset(now + limits.idle_timeout),
                 }
             }
-            () = sleep_until(give_up_at), if give_up_at.is_some() => return,
-            () = activity.changed.notified() => {}
         }
     }
 }
 
-async fn sleep_until(deadline: Option<Instant>) {
-    match deadline {
-        Some(deadline) => tokio::time::sleep_until(deadline).await,
-        None => std::future::pending().await,
-    }
-}
+/// Later than any connection lives.
+const FAR_AWAY: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// Requests in progress on one connection, to tell an idle connection from a busy one.
 #[derive(Debug)]
 struct Activity {
     state: Mutex<ActivityState>,
-    changed: Notify,
 }
 
 #[derive(Debug)]
@@ -369,7 +374,6 @@ impl Activity {
                 seen: 0,
                 idle_since: Instant::now(),
             }),
-            changed: Notify::new(),
         }
     }
 
@@ -379,7 +383,6 @@ impl Activity {
             state.in_progress += 1;
             state.seen += 1;
         }
-        this.changed.notify_one();
         ActivityGuard(Arc::clone(this))
     }
 
@@ -407,7 +410,6 @@ impl Drop for ActivityGuard {
                 state.idle_since = Instant::now();
             }
         }
-        self.0.changed.notify_one();
     }
 }
 
