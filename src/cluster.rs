@@ -352,10 +352,8 @@ async fn round(
     let share = fair_share(agents, live);
     let holding = i64::try_from(holding).unwrap_or(i64::MAX);
     let claim = (share - holding).max(0);
-    let round = leases.balance(me, releasing, claim).await?;
+    let mut held = leases.balance(me, releasing, claim).await?;
     releasing.clear();
-    let mut held: BTreeSet<Id> = round.held.keys().copied().collect();
-    let share = fair_share(round.agents, round.live_replicas);
     let count = i64::try_from(held.len()).unwrap_or(i64::MAX);
     if count > share + 1 {
         let excess = usize::try_from(count - share).unwrap_or(0);

@@ -279,7 +279,12 @@ async fn http<I>(
             let router = router.clone();
             async move {
                 let response = router.oneshot(request).await?;
-                Ok::<_, Infallible>(response.map(|body| Body::new(GuardedBody { body, guard })))
+                Ok::<_, Infallible>(response.map(|body| {
+                    Body::new(GuardedBody {
+                        body,
+                        _guard: guard,
+                    })
+                }))
             }
         })
     };
@@ -417,7 +422,8 @@ impl Drop for ActivityGuard {
 /// (a `WatchSessions` stream is a request in progress for as long as it lasts).
 struct GuardedBody {
     body: Body,
-    guard: ActivityGuard,
+    /// Held for its `Drop`: the request counts as in progress until the body goes.
+    _guard: ActivityGuard,
 }
 
 impl http_body::Body for GuardedBody {
@@ -428,7 +434,6 @@ impl http_body::Body for GuardedBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        let _ = &self.guard;
         Pin::new(&mut self.get_mut().body).poll_frame(cx)
     }
 

@@ -34,6 +34,24 @@ fn replica(dir: &Path, database: &str, name: &str) -> Gateway {
     Gateway::start(command)
 }
 
+/// Project `p` with `count` agents created through `gateway`, each served by a simulated
+/// agent; returns the agents' path and the simulators.
+async fn agents(gateway: &Gateway, count: usize) -> (String, Vec<AgentSim>) {
+    let (_, project) = send(
+        Method::POST,
+        &gateway.url("/api/v4/projects"),
+        TOKEN,
+        Some(json!({"name": "p"})),
+    )
+    .await;
+    let agents_path = format!("/api/v4/projects/{}/cluster_agents", project["id"]);
+    let mut sims = Vec::new();
+    for i in 0..count {
+        sims.push(new_agent(gateway, &agents_path, &format!("a{i}")).await);
+    }
+    (agents_path, sims)
+}
+
 /// Connected sessions per replica, as each replica reports its own.
 async fn connected_on(gateway: &Gateway) -> usize {
     let channel = tonic::transport::Channel::from_shared(gateway.url(""))
@@ -143,18 +161,7 @@ async fn replicas_share_the_agents_and_take_over() {
         .collect();
     let first = replicas[0].as_ref().unwrap();
 
-    let (_, project) = send(
-        Method::POST,
-        &first.url("/api/v4/projects"),
-        TOKEN,
-        Some(json!({"name": "p"})),
-    )
-    .await;
-    let agents_path = format!("/api/v4/projects/{}/cluster_agents", project["id"]);
-    let mut sims = Vec::new();
-    for i in 0..AGENTS {
-        sims.push(new_agent(first, &agents_path, &format!("a{i}")).await);
-    }
+    let (agents_path, mut sims) = agents(first, AGENTS).await;
     // All connected, each by one replica, spread by fair shares (10 each, ±1).
     all_connected(&sims, Duration::from_secs(30)).await;
     tokio::time::sleep(Duration::from_secs(TTL_SECONDS)).await;
@@ -281,18 +288,7 @@ async fn a_database_cut_ends_sessions_by_the_safety_rule() {
         .enumerate()
         .map(|(i, dir)| replica(dir.path(), &url, &format!("gw-{i}")))
         .collect();
-    let (_, project) = send(
-        Method::POST,
-        &replicas[0].url("/api/v4/projects"),
-        TOKEN,
-        Some(json!({"name": "p"})),
-    )
-    .await;
-    let agents_path = format!("/api/v4/projects/{}/cluster_agents", project["id"]);
-    let mut sims = Vec::new();
-    for i in 0..6 {
-        sims.push(new_agent(&replicas[0], &agents_path, &format!("a{i}")).await);
-    }
+    let (_, sims) = agents(&replicas[0], 6).await;
     all_connected(&sims, Duration::from_secs(20)).await;
 
     let cut = Instant::now();
@@ -397,18 +393,7 @@ async fn joining_and_rolling_restarts() {
         .enumerate()
         .map(|(i, dir)| replica(dir.path(), &pg.url, &format!("gw-{i}")))
         .collect();
-    let (_, project) = send(
-        Method::POST,
-        &replicas[0].url("/api/v4/projects"),
-        TOKEN,
-        Some(json!({"name": "p"})),
-    )
-    .await;
-    let agents_path = format!("/api/v4/projects/{}/cluster_agents", project["id"]);
-    let mut sims = Vec::new();
-    for i in 0..AGENTS {
-        sims.push(new_agent(&replicas[0], &agents_path, &format!("a{i}")).await);
-    }
+    let (_, sims) = agents(&replicas[0], AGENTS).await;
     all_connected(&sims, Duration::from_secs(30)).await;
 
     // A fourth replica: within three renewals (one TTL) the others have given back their

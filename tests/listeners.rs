@@ -68,15 +68,9 @@ fn tls_files() -> (tempfile::TempDir, Arc<rustls::ClientConfig>) {
 
 /// A connection to the gateway, through TLS when a client configuration is given.
 async fn connect(addr: &str, tls: Option<&Arc<rustls::ClientConfig>>) -> Box<dyn Io> {
-    let tcp = TcpStream::connect(addr).await.unwrap();
-    match tls {
-        None => Box::new(tcp),
-        Some(config) => {
-            let connector = tokio_rustls::TlsConnector::from(Arc::clone(config));
-            let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
-            Box::new(connector.connect(name, tcp).await.unwrap())
-        }
-    }
+    try_connect(addr, tls)
+        .await
+        .expect("the gateway refused the connection or its handshake")
 }
 
 /// [`connect`], or `None` when the gateway closed the connection during the handshake.

@@ -1,7 +1,7 @@
 //! Leases between replicas on PostgreSQL: a row per live replica, an assignment per agent. All
 //! time arithmetic is done by the database's clock (`now()`), never a replica's.
 
-use std::collections::HashMap;
+use std::collections::BTreeSet;
 use std::time::Duration;
 
 use std::sync::Arc;
@@ -15,17 +15,6 @@ use tokio_util::sync::CancellationToken;
 use super::map_sqlx;
 use crate::domain::{Id, Result};
 
-/// What one balancing round found and did.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Round {
-    /// Replicas whose lease is live, this one included.
-    pub live_replicas: i64,
-    /// Agents with a URL configuration.
-    pub agents: i64,
-    /// The agents this incarnation holds after the round, with their epochs.
-    pub held: HashMap<Id, i64>,
-}
-
 /// The lease operations of one incarnation.
 #[async_trait]
 pub trait LeaseStore: Send + Sync + std::fmt::Debug {
@@ -35,9 +24,9 @@ pub trait LeaseStore: Send + Sync + std::fmt::Debug {
     /// agents: the incarnation is over).
     async fn renew(&self, incarnation: &str, ttl: Duration) -> Result<bool>;
     /// Brings the assignments in line with the configurations, releases `release` (agents
-    /// whose sessions this replica has already hung up), claims free agents up to `claim`
-    /// more than it holds, and says what it holds.
-    async fn balance(&self, incarnation: &str, release: &[Id], claim: i64) -> Result<Round>;
+    /// whose sessions this replica has already hung up), claims up to `claim` free agents,
+    /// and says which agents it holds.
+    async fn balance(&self, incarnation: &str, release: &[Id], claim: i64) -> Result<BTreeSet<Id>>;
     /// Counts live replicas and configured agents, for the fair share.
     async fn census(&self) -> Result<(i64, i64)>;
     /// Releases every assignment and the lease (on shutdown, after hanging up).
@@ -133,7 +122,7 @@ impl LeaseStore for PgLeases {
         .map_err(map_sqlx)
     }
 
-    async fn balance(&self, incarnation: &str, release: &[Id], claim: i64) -> Result<Round> {
+    async fn balance(&self, incarnation: &str, release: &[Id], claim: i64) -> Result<BTreeSet<Id>> {
         // Each statement on its own (no transaction): short row locks, and the claim's
         // SKIP LOCKED keeps replicas from waiting on each other.
         // Assignments follow the configurations: a row for each, none for the rest.
@@ -183,24 +172,13 @@ impl LeaseStore for PgLeases {
             .await
             .map_err(map_sqlx)?;
         }
-        let held: Vec<(Id, i64)> =
-            sqlx::query_as("SELECT agent_id, epoch FROM agent_assignments WHERE holder = $1")
+        let held: Vec<Id> =
+            sqlx::query_scalar("SELECT agent_id FROM agent_assignments WHERE holder = $1")
                 .bind(incarnation)
                 .fetch_all(&self.pool)
                 .await
                 .map_err(map_sqlx)?;
-        let (live_replicas, agents): (i64, i64) = sqlx::query_as(
-            "SELECT (SELECT count(*) FROM replicas WHERE expires_at > now()), \
-                    (SELECT count(*) FROM agent_url_configurations)",
-        )
-        .fetch_one(&self.pool)
-        .await
-        .map_err(map_sqlx)?;
-        Ok(Round {
-            live_replicas,
-            agents,
-            held: held.into_iter().collect(),
-        })
+        Ok(held.into_iter().collect())
     }
 
     async fn leave(&self, incarnation: &str) -> Result<()> {
