@@ -20,5 +20,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // Undecodable messages are INVALID_ARGUMENT, not INTERNAL (see `proto::codec`).
         .codec_path("crate::proto::codec::StrictCodec")
         .compile_fds(descriptors)?;
+    // The replicas' own API: compiled apart, so that reflection on the public listeners
+    // never describes it.
+    let private = protox::compile(["proto/kas_gateway/private/v1/replicas.proto"], ["proto"])?;
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .codec_path("crate::proto::codec::StrictCodec")
+        .compile_fds(private)?;
     Ok(())
 }

@@ -58,6 +58,30 @@ pub struct Config {
     pub replica_id: String,
     /// How long a replica's lease lasts without renewal (PostgreSQL).
     pub lease_ttl: std::time::Duration,
+    /// The replicas' private API: where it listens, the URL the others reach it at, and the
+    /// shared secret its calls are signed with.
+    pub private_api: Option<PrivateApiConfig>,
+}
+
+/// The private API between replicas.
+#[derive(Clone)]
+pub struct PrivateApiConfig {
+    /// Listener address.
+    pub listen: SocketAddr,
+    /// The URL other replicas call; from the bound address when unset.
+    pub url: Option<String>,
+    /// The shared secret (the decoded 32 bytes).
+    pub secret: zeroize::Zeroizing<Vec<u8>>,
+}
+
+impl std::fmt::Debug for PrivateApiConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PrivateApiConfig")
+            .field("listen", &self.listen)
+            .field("url", &self.url)
+            .field("secret", &"[REDACTED]")
+            .finish()
+    }
 }
 
 impl std::fmt::Debug for Config {
@@ -88,6 +112,7 @@ impl std::fmt::Debug for Config {
             .field("limits", &self.limits)
             .field("replica_id", &self.replica_id)
             .field("lease_ttl", &self.lease_ttl)
+            .field("private_api", &self.private_api)
             .finish()
     }
 }
@@ -125,6 +150,7 @@ impl Config {
             limits: crate::listener::Limits::default(),
             replica_id: crate::dialer::replica_name(),
             lease_ttl: DEFAULT_LEASE_TTL,
+            private_api: None,
         }
     }
 }
@@ -179,6 +205,9 @@ const KNOWN_ENV: &[&str] = &[
     "KAS_GATEWAY_SHUTDOWN_BLACKOUT_SECONDS",
     "KAS_GATEWAY_REPLICA_ID",
     "KAS_GATEWAY_LEASE_TTL_SECONDS",
+    "KAS_GATEWAY_PRIVATE_API_LISTEN",
+    "KAS_GATEWAY_PRIVATE_API_URL",
+    "KAS_GATEWAY_PRIVATE_API_SECRET_FILE",
 ];
 
 /// Configuration flags shared by `serve`, `migrate` and `admin`.
@@ -304,6 +333,16 @@ pub struct ConfigArgs {
     /// [default: 15, at least 6].
     #[arg(long, env = "KAS_GATEWAY_LEASE_TTL_SECONDS", global = true)]
     pub lease_ttl_seconds: Option<u64>,
+    /// Listener of the private API other replicas forward calls to [default: none].
+    #[arg(long, env = "KAS_GATEWAY_PRIVATE_API_LISTEN", global = true)]
+    pub private_api_listen: Option<SocketAddr>,
+    /// The URL other replicas reach this one's private API at [default: from the listener's
+    /// address, when it is not a wildcard].
+    #[arg(long, env = "KAS_GATEWAY_PRIVATE_API_URL", global = true)]
+    pub private_api_url: Option<String>,
+    /// The replicas' shared secret for the private API (base64 of 32 bytes).
+    #[arg(long, env = "KAS_GATEWAY_PRIVATE_API_SECRET_FILE", global = true)]
+    pub private_api_secret_file: Option<PathBuf>,
 }
 
 /// The TOML file's keys: the same names as the flags, with underscores.
@@ -341,6 +380,9 @@ struct FileConfig {
     shutdown_blackout_seconds: Option<u64>,
     replica_id: Option<String>,
     lease_ttl_seconds: Option<u64>,
+    private_api_listen: Option<SocketAddr>,
+    private_api_url: Option<String>,
+    private_api_secret_file: Option<PathBuf>,
 }
 
 impl ConfigArgs {
@@ -458,6 +500,12 @@ impl ConfigArgs {
                 Some(seconds) => std::time::Duration::from_secs(seconds),
                 None => DEFAULT_LEASE_TTL,
             },
+            private_api: private_api(
+                self.private_api_listen.or(file.private_api_listen),
+                self.private_api_url.or(file.private_api_url),
+                self.private_api_secret_file
+                    .or(file.private_api_secret_file),
+            )?,
             limits: limits(&LimitArgs {
                 header_timeout: self
                     .http_header_timeout_seconds
@@ -565,12 +613,58 @@ fn dialer_settings(
     Ok(settings)
 }
 
+/// The private API's settings: a listener needs the secret; a URL or secret alone means
+/// nothing.
+fn private_api(
+    listen: Option<SocketAddr>,
+    url: Option<String>,
+    secret_file: Option<PathBuf>,
+) -> anyhow::Result<Option<PrivateApiConfig>> {
+    let Some(listen) = listen else {
+        if url.is_some() || secret_file.is_some() {
+            bail!(
+                "the private API's URL and secret file need its listener: set \
+                 KAS_GATEWAY_PRIVATE_API_LISTEN too"
+            );
+        }
+        return Ok(None);
+    };
+    let Some(secret_file) = secret_file else {
+        bail!(
+            "the private API needs the replicas' shared secret: set \
+             KAS_GATEWAY_PRIVATE_API_SECRET_FILE (base64 of 32 bytes: \
+             `head -c 32 /dev/urandom | base64`)"
+        );
+    };
+    if let Some(url) = &url
+        && !url.starts_with("http://")
+    {
+        bail!("the private API URL must start with http:// (such as http://10.0.0.7:8156)");
+    }
+    if url.is_none() && listen.ip().is_unspecified() {
+        bail!(
+            "the private API listens on every address ({listen}): set \
+             KAS_GATEWAY_PRIVATE_API_URL to the address other replicas reach this one at"
+        );
+    }
+    Ok(Some(PrivateApiConfig {
+        listen,
+        url: url.map(|u| u.trim_end_matches('/').to_owned()),
+        secret: read_secret_file("private API secret", &secret_file)?,
+    }))
+}
+
 /// Reads GitLab's KAS secret file: base64 of 32 random bytes.
 pub fn read_gitlab_secret(path: &Path) -> anyhow::Result<zeroize::Zeroizing<Vec<u8>>> {
+    read_secret_file("GitLab secret", path)
+}
+
+/// Reads a shared secret file: base64 of 32 random bytes.
+fn read_secret_file(what: &str, path: &Path) -> anyhow::Result<zeroize::Zeroizing<Vec<u8>>> {
     use base64::Engine;
     let text = zeroize::Zeroizing::new(
         std::fs::read_to_string(path)
-            .with_context(|| format!("reading the GitLab secret file {}", path.display()))?,
+            .with_context(|| format!("reading the {what} file {}", path.display()))?,
     );
     let secret = zeroize::Zeroizing::new(
         base64::engine::general_purpose::STANDARD

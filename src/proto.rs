@@ -21,6 +21,14 @@ pub mod v1 {
     tonic::include_proto!("kas_gateway.v1");
 }
 
+/// The API between the replicas of one cluster.
+pub mod private {
+    /// Version 1.
+    pub mod v1 {
+        tonic::include_proto!("kas_gateway.private.v1");
+    }
+}
+
 /// The encoded descriptors of every `.proto`, for gRPC reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/descriptors.bin"));
 

@@ -218,12 +218,10 @@ pub async fn start(
     } else {
         None
     };
-    let (store, service) = open_service(config, clock).await?;
+    let (store, service) = open_service(config, clock.clone()).await?;
     let registry = Arc::new(crate::dialer::state::Registry::new(
         config.replica_id.clone(),
     ));
-    let service = service.with_sessions(Arc::clone(&registry) as Arc<dyn crate::domain::Sessions>);
-    bootstrap(&service, config).await?;
 
     let shutdown = CancellationToken::new();
     {
@@ -241,6 +239,63 @@ pub async fn start(
             shutdown.cancel();
         });
     }
+
+    // The private API is bound first: the lease row says where it is.
+    let private_api = match &config.private_api {
+        None => None,
+        Some(private) => {
+            let listener = TcpListener::bind(private.listen)
+                .await
+                .with_context(|| format!("listening on {} (private API)", private.listen))?;
+            let addr = listener.local_addr()?;
+            let url = private
+                .url
+                .clone()
+                .unwrap_or_else(|| format!("http://{addr}"));
+            Some((listener, url))
+        }
+    };
+    let membership = match store.leases() {
+        Some(leases) if config.receptive_agents => {
+            leases.follow(
+                vec![
+                    Arc::clone(service.rebalance()),
+                    Arc::clone(service.changes()),
+                ],
+                shutdown.clone(),
+            );
+            crate::cluster::Membership::join(
+                leases,
+                crate::cluster::ClusterSettings {
+                    replica_id: config.replica_id.clone(),
+                    lease_ttl: config.lease_ttl,
+                    private_api_url: private_api.as_ref().map(|(_, url)| url.clone()),
+                },
+                Arc::clone(service.rebalance()),
+                shutdown.clone(),
+            )
+        }
+        _ => crate::cluster::Membership::all(),
+    };
+    let sessions: Arc<dyn crate::domain::Sessions> = match store.connection_states() {
+        Some(states) if config.receptive_agents => {
+            crate::cluster::sessions::ClusterSessions::start(
+                Arc::clone(&registry),
+                states,
+                membership.incarnation(),
+                config.private_api.as_ref().map(|private| {
+                    crate::cluster::private_api::Forwarder::new(
+                        private.secret.clone(),
+                        clock.clone(),
+                    )
+                }),
+                shutdown.clone(),
+            )
+        }
+        _ => Arc::clone(&registry) as Arc<dyn crate::domain::Sessions>,
+    };
+    let service = service.with_sessions(sessions);
+    bootstrap(&service, config).await?;
 
     let tls = match &config.tls {
         None => None,
@@ -302,28 +357,27 @@ pub async fn start(
         shared.clone(),
         shutdown.clone(),
     ));
-
-    let membership = match store.leases() {
-        Some(leases) if config.receptive_agents => {
-            leases.follow(
-                vec![
-                    Arc::clone(service.rebalance()),
-                    Arc::clone(service.changes()),
-                ],
-                shutdown.clone(),
-            );
-            crate::cluster::Membership::join(
-                leases,
-                crate::cluster::ClusterSettings {
-                    replica_id: config.replica_id.clone(),
-                    lease_ttl: config.lease_ttl,
-                },
-                Arc::clone(service.rebalance()),
-                shutdown.clone(),
-            )
-        }
-        _ => crate::cluster::Membership::all(),
-    };
+    if let (Some((listener, url)), Some(private)) = (private_api, &config.private_api) {
+        // Logged after the public listener, which stays the first "listening" line.
+        let addr = listener.local_addr()?;
+        tracing::info!(%addr, %url, serves = "the private API between replicas", "listening");
+        // Its own connection budget: the public listeners' clients cannot crowd it out.
+        let limits = crate::listener::Limits {
+            max_connections: PRIVATE_API_MAX_CONNECTIONS,
+            ..config.limits.clone()
+        };
+        listeners.spawn(listener::serve(
+            listener,
+            None,
+            rest::finish(crate::cluster::private_api::router(
+                Arc::clone(&registry),
+                private.secret.clone(),
+                clock,
+            )),
+            listener::Shared::new(limits),
+            shutdown.clone(),
+        ));
+    }
     let held = membership.held.clone();
     let dialer = config.receptive_agents.then(|| {
         crate::dialer::spawn(
@@ -363,6 +417,9 @@ pub async fn start(
         task,
     })
 }
+
+/// Connections the private API accepts (from the other replicas).
+const PRIVATE_API_MAX_CONNECTIONS: usize = 256;
 
 /// How long closing the database's connections may take at exit.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);

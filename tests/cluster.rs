@@ -23,9 +23,16 @@ const TOKEN: &str = "glpat-cluster-test-token-0000000";
 const AGENTS: usize = 30;
 const TTL_SECONDS: u64 = 6;
 
+/// The replicas' shared secret for the private API.
+const PRIVATE_API_SECRET: &str = "cHJpdmF0ZS1hcGktc2VjcmV0LWZvci10ZXN0cy0wMDA=";
+
 fn replica(dir: &Path, database: &str, name: &str) -> Gateway {
+    let secret = dir.join("private-api-secret");
+    std::fs::write(&secret, PRIVATE_API_SECRET).unwrap();
     let mut command = with_token(dir, TOKEN);
     command
+        .env("KAS_GATEWAY_PRIVATE_API_LISTEN", "127.0.0.1:0")
+        .env("KAS_GATEWAY_PRIVATE_API_SECRET_FILE", &secret)
         .env("KAS_GATEWAY_DATABASE_URL", database)
         .env("KAS_GATEWAY_ENCRYPTION_KEYS", common::PG_ENCRYPTION_KEYS)
         .env("KAS_GATEWAY_REPLICA_ID", name)
@@ -52,26 +59,49 @@ async fn agents(gateway: &Gateway, count: usize) -> (String, Vec<AgentSim>) {
     (agents_path, sims)
 }
 
-/// Connected sessions per replica, as each replica reports its own.
-async fn connected_on(gateway: &Gateway) -> usize {
+/// A gRPC request with the administrator's token.
+fn admin<T>(message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request
+        .metadata_mut()
+        .insert("private-token", TOKEN.parse().unwrap());
+    request
+}
+
+async fn sessions_client(
+    gateway: &Gateway,
+) -> pb::sessions_client::SessionsClient<tonic::transport::Channel> {
     let channel = tonic::transport::Channel::from_shared(gateway.url(""))
         .unwrap()
         .connect()
         .await
         .unwrap();
-    let mut request = tonic::Request::new(pb::ListSessionsRequest {
-        state: pb::SessionState::Connected.into(),
-    });
-    request
-        .metadata_mut()
-        .insert("private-token", TOKEN.parse().unwrap());
     pb::sessions_client::SessionsClient::new(channel)
-        .list_sessions(request)
+}
+
+/// Every session in `state` (or all), as `gateway` reports the cluster's.
+async fn list_sessions(gateway: &Gateway, state: pb::SessionState) -> Vec<pb::Session> {
+    sessions_client(gateway)
+        .await
+        .list_sessions(admin(pb::ListSessionsRequest {
+            state: state.into(),
+        }))
         .await
         .unwrap()
         .into_inner()
         .sessions
-        .len()
+}
+
+/// Connected sessions held by each of replicas `gw-0` … `gw-{replicas - 1}`, as `gateway`
+/// reports them.
+async fn connected_by(gateway: &Gateway, replicas: usize) -> Vec<usize> {
+    let sessions = list_sessions(gateway, pb::SessionState::Connected).await;
+    (0..replicas)
+        .map(|i| {
+            let name = format!("gw-{i}");
+            sessions.iter().filter(|s| s.replica == name).count()
+        })
+        .collect()
 }
 
 /// Waits until every agent has exactly one open session; returns how long it took.
@@ -166,9 +196,14 @@ async fn replicas_share_the_agents_and_take_over() {
     all_connected(&sims, Duration::from_secs(30)).await;
     tokio::time::sleep(Duration::from_secs(TTL_SECONDS)).await;
     all_connected(&sims, Duration::from_secs(5)).await;
-    let mut counts = Vec::new();
-    for gateway in replicas.iter().flatten() {
-        counts.push(connected_on(gateway).await);
+    // States are written in batches: give the last ones a moment.
+    let mut counts = connected_by(first, 3).await;
+    for _ in 0..20 {
+        if counts.iter().sum::<usize>() == AGENTS {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        counts = connected_by(first, 3).await;
     }
     eprintln!("connected per replica: {counts:?}");
     assert_eq!(counts.iter().sum::<usize>(), AGENTS, "{counts:?}");
@@ -221,7 +256,7 @@ async fn replicas_share_the_agents_and_take_over() {
     // The sessions are open; their hellos are being accepted.
     let last = replicas[2].as_ref().unwrap();
     let deadline = Instant::now() + Duration::from_secs(5);
-    while connected_on(last).await != AGENTS + 1 {
+    while connected_by(last, 3).await[2] != AGENTS + 1 {
         assert!(
             Instant::now() < deadline,
             "the last replica does not hold every agent"
@@ -401,12 +436,9 @@ async fn joining_and_rolling_restarts() {
     let down = DownTime::watch(&sims);
     let joined = Instant::now();
     replicas.push(replica(dirs[3].path(), &pg.url, "gw-3"));
-    let mut counts = Vec::new();
+    let mut counts: Vec<usize>;
     loop {
-        counts.clear();
-        for gateway in &replicas {
-            counts.push(connected_on(gateway).await);
-        }
+        counts = connected_by(&replicas[0], 4).await;
         if counts[3] >= 6 && counts.iter().sum::<usize>() == AGENTS {
             break;
         }
@@ -445,4 +477,236 @@ async fn joining_and_rolling_restarts() {
         "an agent was down {longest:?}"
     );
     assert_never_two(&sims);
+}
+
+/// Agents created through `gateway`, ten at a time.
+async fn many_agents(gateway: &Gateway, count: usize) -> (String, Vec<AgentSim>) {
+    let (agents_path, mut sims) = agents(gateway, 0).await;
+    let names: Vec<String> = (0..count).map(|i| format!("a{i}")).collect();
+    for chunk in names.chunks(10) {
+        let created = futures::future::join_all(
+            chunk
+                .iter()
+                .map(|name| new_agent(gateway, &agents_path, name)),
+        )
+        .await;
+        sims.extend(created);
+    }
+    (agents_path, sims)
+}
+
+/// What a session says that every replica must agree on.
+fn essence(s: &pb::Session) -> (i64, i64, i32, String, i64, Option<i64>, Option<i64>) {
+    (
+        s.agent_id,
+        s.url_configuration_id,
+        s.state,
+        s.replica.clone(),
+        s.epoch,
+        s.connected_since
+            .map(|t| t.seconds * 1000 + i64::from(t.nanos) / 1_000_000),
+        s.last_attempt_at
+            .map(|t| t.seconds * 1000 + i64::from(t.nanos) / 1_000_000),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_hundred_agents_one_answer_on_every_replica() {
+    const MANY: usize = 300;
+    if common::postgres_skipped() {
+        return;
+    }
+    let pg = common::PgDatabase::create().await;
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let mut replicas: Vec<Gateway> = dirs
+        .iter()
+        .enumerate()
+        .map(|(i, dir)| replica(dir.path(), &pg.url, &format!("gw-{i}")))
+        .collect();
+    let (agents_path, mut sims) = many_agents(&replicas[0], MANY).await;
+    all_connected(&sims, Duration::from_secs(60)).await;
+    // Rebalanced within a TTL: each replica within ±10 % of the fair share.
+    let started = Instant::now();
+    let counts = loop {
+        let counts = connected_by(&replicas[1], 3).await;
+        if counts.iter().sum::<usize>() == MANY && counts.iter().all(|n| (90..=110).contains(n)) {
+            break counts;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(3 * TTL_SECONDS),
+            "not spread within ±10 %: {counts:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    eprintln!("{MANY} agents per replica: {counts:?}");
+    all_connected(&sims, Duration::from_secs(5)).await;
+    assert_never_two(&sims);
+
+    // ListSessions, GetSession and …/connection: the same answer on every replica.
+    let lists = futures::future::join_all(
+        replicas
+            .iter()
+            .map(|g| list_sessions(g, pb::SessionState::Unspecified)),
+    )
+    .await;
+    let lists: Vec<Vec<_>> = lists
+        .iter()
+        .map(|l| l.iter().map(essence).collect())
+        .collect();
+    assert_eq!(lists[0].len(), MANY);
+    assert_eq!(lists[0], lists[1]);
+    assert_eq!(lists[0], lists[2]);
+    let sample: Vec<i64> = lists[0].iter().step_by(37).map(|s| s.0).collect();
+    for agent_id in &sample {
+        let mut answers = Vec::new();
+        let mut connections = Vec::new();
+        for gateway in &replicas {
+            let session = sessions_client(gateway)
+                .await
+                .get_session(admin(pb::GetSessionRequest {
+                    agent_id: *agent_id,
+                }))
+                .await
+                .unwrap()
+                .into_inner();
+            answers.push(essence(&session));
+            let (status, connection) = send(
+                Method::GET,
+                &gateway.url(&format!("{agents_path}/{agent_id}/connection")),
+                TOKEN,
+                None,
+            )
+            .await;
+            assert_eq!(status, 200, "{connection}");
+            connections.push(connection);
+        }
+        assert_eq!(answers[0], answers[1]);
+        assert_eq!(answers[0], answers[2]);
+        assert_eq!(answers[0].2, i32::from(pb::SessionState::Connected));
+        assert!(answers[0].4 > 0, "no epoch: {:?}", answers[0]);
+        assert_eq!(connections[0], connections[1]);
+        assert_eq!(connections[0], connections[2]);
+        assert_eq!(connections[0]["state"], "connected");
+    }
+
+    // WatchSessions: a new agent, created through one replica and held by whichever, is
+    // seen connected through every replica, alike.
+    let mut watches = Vec::new();
+    for gateway in &replicas {
+        let stream = sessions_client(gateway)
+            .await
+            .watch_sessions(admin(pb::WatchSessionsRequest {}))
+            .await
+            .unwrap()
+            .into_inner();
+        watches.push(stream);
+    }
+    sims.push(new_agent(&replicas[2], &agents_path, "watched").await);
+    let watched = lists[0].iter().map(|s| s.0).max().unwrap();
+    let mut seen = Vec::new();
+    for stream in &mut watches {
+        let connected = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                let session = stream.message().await.unwrap().unwrap();
+                if session.agent_id > watched
+                    && session.state == i32::from(pb::SessionState::Connected)
+                {
+                    return session;
+                }
+            }
+        })
+        .await
+        .expect("a watch did not see the new agent connected");
+        seen.push(essence(&connected));
+    }
+    assert_eq!(seen[0], seen[1]);
+    assert_eq!(seen[0], seen[2]);
+
+    // PingAgent through every replica, for agents held by each replica.
+    let holders: Vec<(i64, String)> = list_sessions(&replicas[0], pb::SessionState::Connected)
+        .await
+        .into_iter()
+        .map(|s| (s.agent_id, s.replica))
+        .collect();
+    for held_by in ["gw-0", "gw-1", "gw-2"] {
+        let agent_id = holders.iter().find(|(_, r)| r == held_by).unwrap().0;
+        for gateway in &replicas {
+            let pong = sessions_client(gateway)
+                .await
+                .ping_agent(admin(pb::PingAgentRequest {
+                    agent_id,
+                    payload: b"through any replica".to_vec(),
+                }))
+                .await
+                .unwrap_or_else(|e| panic!("ping of an agent held by {held_by}: {e:?}"))
+                .into_inner();
+            assert_eq!(pong.payload, b"through any replica");
+        }
+    }
+
+    // DialNow through a replica that does not hold the agent: the holder dials at once,
+    // skipping a backoff that has grown to seconds.
+    let (agent_id, holder) = holders.iter().find(|(_, r)| r == "gw-0").unwrap().clone();
+    let url = list_sessions(&replicas[0], pb::SessionState::Unspecified)
+        .await
+        .into_iter()
+        .find(|s| s.agent_id == agent_id)
+        .unwrap()
+        .url;
+    let position = sims
+        .iter()
+        .position(|s| url.ends_with(&format!(":{}", s.addr.port())))
+        .unwrap();
+    let stopped = sims.remove(position);
+    stopped.stop().await;
+    // Attempts at about 1, 2.6, 4.6, 7.9 s: after 6 s the next one is seconds away.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let asked = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    let started = Instant::now();
+    let session = sessions_client(&replicas[1])
+        .await
+        .dial_now(admin(pb::DialNowRequest {
+            agent_id,
+            deadline_ms: 5_000,
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    let attempted = session.last_attempt_at.unwrap();
+    let attempted = Duration::new(
+        u64::try_from(attempted.seconds).unwrap(),
+        u32::try_from(attempted.nanos).unwrap(),
+    );
+    eprintln!(
+        "DialNow through another replica than the holder ({holder}) answered in {:?}",
+        started.elapsed()
+    );
+    assert!(
+        attempted + Duration::from_millis(5) >= asked,
+        "no new attempt: {session:?}"
+    );
+    assert_eq!(session.replica, holder);
+
+    // The holder killed: until its lease expires nobody else may dial its agents, and
+    // calls that need their sessions say the holder does not answer.
+    let (agent_id, _) = holders.iter().find(|(_, r)| r == "gw-0").unwrap().clone();
+    replicas[0].signal("KILL");
+    replicas[0].wait();
+    let error = sessions_client(&replicas[1])
+        .await
+        .ping_agent(admin(pb::PingAgentRequest {
+            agent_id,
+            payload: Vec::new(),
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), tonic::Code::Unavailable, "{error:?}");
+    assert!(error.message().contains("gw-0"), "{error:?}");
+    all_connected(&sims, Duration::from_secs(TTL_SECONDS + 10)).await;
+    assert_never_two(&sims);
+    for sim in sims {
+        sim.stop().await;
+    }
 }

@@ -185,6 +185,7 @@ impl Port for Service {
 
 struct Running {
     config: UrlConfiguration,
+    epoch: i64,
     cancel: CancellationToken,
     task: JoinHandle<()>,
 }
@@ -295,7 +296,11 @@ async fn reconcile(
     let mut stop = Vec::new();
     for (agent_id, session) in running.iter() {
         match desired.get(agent_id) {
-            Some(config) if *config == session.config && !session.task.is_finished() => {
+            Some(config)
+                if *config == session.config
+                    && held.epoch(*agent_id) == session.epoch
+                    && !session.task.is_finished() =>
+            {
                 let token = registry.get(*agent_id).and_then(|c| c.token_id);
                 if let Some(token_id) = token
                     && !port.token_active(*agent_id, token_id).await?
@@ -326,7 +331,8 @@ async fn reconcile(
         }
         let cancel = shutdown.child_token();
         let (requests, requests_rx) = mpsc::channel(16);
-        registry.track(agent_id, config.id, &config.url, requests);
+        let epoch = held.epoch(agent_id);
+        registry.track(agent_id, config.id, &config.url, epoch, requests);
         let task = tokio::spawn(keep_connected(
             Arc::clone(port),
             Arc::clone(registry),
@@ -340,6 +346,7 @@ async fn reconcile(
             agent_id,
             Running {
                 config,
+                epoch,
                 cancel,
                 task,
             },

@@ -49,12 +49,14 @@ impl Registry {
         }
     }
 
-    /// Starts tracking an agent (phase `connecting`); `requests` reaches its session.
+    /// Starts tracking an agent (phase `connecting`) held with fencing `epoch`; `requests`
+    /// reaches its session.
     pub fn track(
         &self,
         agent_id: Id,
         url_configuration_id: Id,
         url: &str,
+        epoch: i64,
         requests: mpsc::Sender<SessionRequest>,
     ) {
         match self.sessions.lock() {
@@ -79,6 +81,7 @@ impl Registry {
             metadata: None,
             token_id: None,
             replica: self.replica.clone(),
+            epoch,
         };
         self.with(|map| map.insert(agent_id, connection.clone()));
         let _ = self.changes.send(connection);
@@ -96,6 +99,7 @@ impl Registry {
             if before != connection.phase {
                 tracing::info!(
                     agent_id,
+                    epoch = connection.epoch,
                     url = %connection.url,
                     from = before.as_str(),
                     to = connection.phase.as_str(),
@@ -148,7 +152,7 @@ impl Registry {
         }
     }
 
-    /// Asks for an immediate attempt, skipping the backoff; false when not tracked.
+    /// Asks for an immediate attempt, skipping the backoff; false when not tracked here.
     pub fn dial_now(&self, agent_id: Id) -> bool {
         self.waker(agent_id).map(|w| w.notify_one()).is_some()
     }
@@ -188,20 +192,24 @@ impl Registry {
 
 #[async_trait::async_trait]
 impl Sessions for Registry {
-    fn get(&self, agent_id: Id) -> Option<Connection> {
-        Registry::get(self, agent_id)
+    async fn get(&self, agent_id: Id) -> crate::domain::Result<Option<Connection>> {
+        Ok(Registry::get(self, agent_id))
     }
 
-    fn all(&self) -> Vec<Connection> {
-        Registry::all(self)
+    async fn all(&self) -> crate::domain::Result<Vec<Connection>> {
+        Ok(Registry::all(self))
     }
 
     fn subscribe(&self) -> broadcast::Receiver<Connection> {
         Registry::subscribe(self)
     }
 
-    fn dial_now(&self, agent_id: Id) -> bool {
-        Registry::dial_now(self, agent_id)
+    async fn dial_now(&self, agent_id: Id, _timeout: Duration) -> Result<(), RequestError> {
+        if Registry::dial_now(self, agent_id) {
+            Ok(())
+        } else {
+            Err(RequestError::NotConnected)
+        }
     }
 
     async fn request(

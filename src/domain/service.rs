@@ -323,7 +323,14 @@ impl Service {
             .into_iter()
             .next()
             .ok_or(Error::NotFound(Missing::Resource))?;
-        Ok((config, self.sessions.get(agent.id)))
+        // Only the configuration's own state: an older one may linger while a new
+        // configuration is being dialled for the first time.
+        let connection = self
+            .sessions
+            .get(agent.id)
+            .await?
+            .filter(|c| c.url_configuration_id == config.id);
+        Ok((config, connection))
     }
 
     /// The store underneath (for health checks and shutdown).

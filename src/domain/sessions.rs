@@ -72,8 +72,10 @@ pub struct Connection {
     pub metadata: Option<AgentMetadata>,
     /// The agent token the current session was accepted with.
     pub token_id: Option<Id>,
-    /// The gateway replica that holds the agent.
+    /// The gateway replica that holds the agent; empty while none does.
     pub replica: String,
+    /// The fencing epoch of the holder's assignment (0 with a single gateway).
+    pub epoch: i64,
 }
 
 /// Why a request through a session did not get an answer.
@@ -88,6 +90,22 @@ pub enum RequestError {
     /// The session ended before the answer came.
     #[error("the session ended")]
     SessionEnded,
+    /// No live replica holds the agent (it is being handed over, or none is up).
+    #[error("no gateway replica holds the agent's session right now; try again shortly")]
+    NoHolder,
+    /// The replica that holds the agent did not answer.
+    #[error(
+        "the gateway replica {replica} that holds the agent's session did not answer: {reason}"
+    )]
+    HolderUnreachable {
+        /// The holder's name.
+        replica: String,
+        /// What went wrong, without secrets.
+        reason: String,
+    },
+    /// The state could not be read (the database).
+    #[error("{0}")]
+    Store(String),
 }
 
 /// An agent's answer to a request sent through its session.
@@ -99,18 +117,18 @@ pub struct SessionResponse {
     pub payload: Vec<u8>,
 }
 
-/// The sessions of the agents, as far as this replica knows them.
+/// The sessions of the agents: this replica's own, or the cluster's.
 #[async_trait::async_trait]
 pub trait Sessions: Send + Sync + std::fmt::Debug {
     /// One agent's connection state.
-    fn get(&self, agent_id: Id) -> Option<Connection>;
+    async fn get(&self, agent_id: Id) -> super::Result<Option<Connection>>;
     /// Every connection state, by agent id.
-    fn all(&self) -> Vec<Connection>;
+    async fn all(&self) -> super::Result<Vec<Connection>>;
     /// A feed of every change from now on.
     fn subscribe(&self) -> broadcast::Receiver<Connection>;
-    /// Asks for an immediate attempt, skipping the backoff; false when the agent is not dialled
-    /// here.
-    fn dial_now(&self, agent_id: Id) -> bool;
+    /// Asks for an immediate attempt, skipping the backoff; `NotConnected` when no dialler
+    /// tracks the agent.
+    async fn dial_now(&self, agent_id: Id, timeout: Duration) -> Result<(), RequestError>;
     /// Sends a request through the agent's live session and waits for its answer.
     async fn request(
         &self,
@@ -137,20 +155,20 @@ impl Default for NoSessions {
 
 #[async_trait::async_trait]
 impl Sessions for NoSessions {
-    fn get(&self, _agent_id: Id) -> Option<Connection> {
-        None
+    async fn get(&self, _agent_id: Id) -> super::Result<Option<Connection>> {
+        Ok(None)
     }
 
-    fn all(&self) -> Vec<Connection> {
-        Vec::new()
+    async fn all(&self) -> super::Result<Vec<Connection>> {
+        Ok(Vec::new())
     }
 
     fn subscribe(&self) -> broadcast::Receiver<Connection> {
         self.changes.subscribe()
     }
 
-    fn dial_now(&self, _agent_id: Id) -> bool {
-        false
+    async fn dial_now(&self, _agent_id: Id, _timeout: Duration) -> Result<(), RequestError> {
+        Err(RequestError::NotConnected)
     }
 
     async fn request(

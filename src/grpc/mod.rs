@@ -229,6 +229,7 @@ fn session(c: &Connection) -> pb::Session {
             kubernetes_version: m.kubernetes_version.clone(),
         }),
         replica: c.replica.clone(),
+        epoch: c.epoch,
     }
 }
 
@@ -432,6 +433,8 @@ impl Sessions for Api {
             .service
             .sessions()
             .all()
+            .await
+            .map_err(status)?
             .iter()
             .map(session)
             .filter(|s| wanted == pb::SessionState::Unspecified || s.state() == wanted)
@@ -448,11 +451,13 @@ impl Sessions for Api {
             return Err(Status::permission_denied("permission denied"));
         }
         let registry = Arc::clone(self.service.sessions());
+        // Subscribed before the first read: nothing between the two is missed.
         let mut changes = registry.subscribe();
+        let current = registry.all().await.map_err(status)?;
         let (tx, rx) = mpsc::channel(64);
         let shutdown = self.shutdown.clone();
         tokio::spawn(async move {
-            for connection in registry.all() {
+            for connection in current {
                 if tx.send(Ok(session(&connection))).await.is_err() {
                     return;
                 }
@@ -477,7 +482,14 @@ impl Sessions for Api {
                     }
                     // Too slow a reader: start again from the current state.
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
-                        for connection in registry.all() {
+                        let current = match registry.all().await {
+                            Ok(current) => current,
+                            Err(error) => {
+                                let _ = tx.send(Err(status(error))).await;
+                                return;
+                            }
+                        };
+                        for connection in current {
                             if tx.send(Ok(session(&connection))).await.is_err() {
                                 return;
                             }
@@ -510,11 +522,15 @@ impl Sessions for Api {
             return Ok(Response::new(session_or_pending(&config, current.as_ref())));
         }
         let mut changes = registry.subscribe();
-        if !registry.dial_now(r.agent_id) {
-            return Err(Status::failed_precondition(
-                "this replica does not dial the agent",
-            ));
-        }
+        registry
+            .dial_now(r.agent_id, deadline)
+            .await
+            .map_err(|e| match e {
+                RequestError::NotConnected => {
+                    Status::failed_precondition("no gateway replica dials the agent yet")
+                }
+                e => request_status(&e),
+            })?;
         let outcome = tokio::time::timeout(deadline, async {
             loop {
                 match changes.recv().await {
@@ -526,7 +542,11 @@ impl Sessions for Api {
         })
         .await;
         let _ = outcome;
-        let latest = registry.get(r.agent_id);
+        let latest = registry
+            .get(r.agent_id)
+            .await
+            .map_err(status)?
+            .filter(|c| c.url_configuration_id == config.id);
         Ok(Response::new(session_or_pending(&config, latest.as_ref())))
     }
 
@@ -546,16 +566,24 @@ impl Sessions for Api {
             .sessions()
             .request(r.agent_id, "ping", r.payload, Duration::from_secs(10))
             .await
-            .map_err(|e| match e {
-                RequestError::NotConnected => Status::failed_precondition(e.to_string()),
-                RequestError::Timeout => Status::deadline_exceeded(e.to_string()),
-                RequestError::SessionEnded => Status::unavailable(e.to_string()),
-            })?;
+            .map_err(|e| request_status(&e))?;
         let round_trip_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
         Ok(Response::new(pb::PingAgentResponse {
             round_trip_us,
             payload: response.payload,
         }))
+    }
+}
+
+/// A failed request through a session, as a gRPC status.
+fn request_status(error: &RequestError) -> Status {
+    match error {
+        RequestError::NotConnected => Status::failed_precondition(error.to_string()),
+        RequestError::Timeout => Status::deadline_exceeded(error.to_string()),
+        RequestError::SessionEnded
+        | RequestError::NoHolder
+        | RequestError::HolderUnreachable { .. }
+        | RequestError::Store(_) => Status::unavailable(error.to_string()),
     }
 }
 

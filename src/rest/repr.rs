@@ -557,7 +557,7 @@ impl ConnectionJson {
                     pod_name: m.pod_name.clone(),
                     kubernetes_version: m.kubernetes_version.clone(),
                 }),
-                replica: Some(c.replica.clone()),
+                replica: Some(c.replica.clone()).filter(|r| !r.is_empty()),
             },
         }
     }

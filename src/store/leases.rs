@@ -1,7 +1,7 @@
 //! Leases between replicas on PostgreSQL: a row per live replica, an assignment per agent. All
 //! time arithmetic is done by the database's clock (`now()`), never a replica's.
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use std::sync::Arc;
@@ -18,15 +18,26 @@ use crate::domain::{Id, Result};
 /// The lease operations of one incarnation.
 #[async_trait]
 pub trait LeaseStore: Send + Sync + std::fmt::Debug {
-    /// Registers a new incarnation with a lease of `ttl`.
-    async fn join(&self, incarnation: &str, replica_id: &str, ttl: Duration) -> Result<()>;
+    /// Registers a new incarnation with a lease of `ttl`, reachable by the other replicas at
+    /// `private_api_url`.
+    async fn join(
+        &self,
+        incarnation: &str,
+        replica_id: &str,
+        private_api_url: Option<&str>,
+        ttl: Duration,
+    ) -> Result<()>;
     /// Extends the lease; false when it had expired or is gone (the others may have taken the
     /// agents: the incarnation is over).
     async fn renew(&self, incarnation: &str, ttl: Duration) -> Result<bool>;
-    /// Brings the assignments in line with the configurations, releases `release` (agents
-    /// whose sessions this replica has already hung up), claims up to `claim` free agents,
-    /// and says which agents it holds.
-    async fn balance(&self, incarnation: &str, release: &[Id], claim: i64) -> Result<BTreeSet<Id>>;
+    /// Releases `release` (agents whose sessions this replica has already hung up), claims
+    /// up to `claim` free agents, and says which agents it holds, with their epochs.
+    async fn balance(
+        &self,
+        incarnation: &str,
+        release: &[Id],
+        claim: i64,
+    ) -> Result<BTreeMap<Id, i64>>;
     /// Counts live replicas and configured agents, for the fair share.
     async fn census(&self) -> Result<(i64, i64)>;
     /// Releases every assignment and the lease (on shutdown, after hanging up).
@@ -76,13 +87,20 @@ fn seconds(ttl: Duration) -> f64 {
 
 #[async_trait]
 impl LeaseStore for PgLeases {
-    async fn join(&self, incarnation: &str, replica_id: &str, ttl: Duration) -> Result<()> {
+    async fn join(
+        &self,
+        incarnation: &str,
+        replica_id: &str,
+        private_api_url: Option<&str>,
+        ttl: Duration,
+    ) -> Result<()> {
         sqlx::query(
-            "INSERT INTO replicas (incarnation, replica_id, started_at, expires_at) \
-             VALUES ($1, $2, now(), now() + make_interval(secs => $3))",
+            "INSERT INTO replicas (incarnation, replica_id, private_api_url, started_at, \
+             expires_at) VALUES ($1, $2, $3, now(), now() + make_interval(secs => $4))",
         )
         .bind(incarnation)
         .bind(replica_id)
+        .bind(private_api_url)
         .bind(seconds(ttl))
         .execute(&self.pool)
         .await
@@ -122,26 +140,15 @@ impl LeaseStore for PgLeases {
         .map_err(map_sqlx)
     }
 
-    async fn balance(&self, incarnation: &str, release: &[Id], claim: i64) -> Result<BTreeSet<Id>> {
+    async fn balance(
+        &self,
+        incarnation: &str,
+        release: &[Id],
+        claim: i64,
+    ) -> Result<BTreeMap<Id, i64>> {
         // Each statement on its own (no transaction): short row locks, and the claim's
-        // SKIP LOCKED keeps replicas from waiting on each other.
-        // Assignments follow the configurations: a row for each, none for the rest.
-        sqlx::query(
-            "INSERT INTO agent_assignments (agent_id) \
-             SELECT c.agent_id FROM agent_url_configurations c \
-             WHERE NOT EXISTS (SELECT 1 FROM agent_assignments a WHERE a.agent_id = c.agent_id) \
-             ON CONFLICT DO NOTHING",
-        )
-        .execute(&self.pool)
-        .await
-        .map_err(map_sqlx)?;
-        sqlx::query(
-            "DELETE FROM agent_assignments a WHERE NOT EXISTS \
-             (SELECT 1 FROM agent_url_configurations c WHERE c.agent_id = a.agent_id)",
-        )
-        .execute(&self.pool)
-        .await
-        .map_err(map_sqlx)?;
+        // SKIP LOCKED keeps replicas from waiting on each other. (The assignments follow the
+        // configurations by a trigger, not here.)
         if !release.is_empty() {
             sqlx::query(
                 "UPDATE agent_assignments SET holder = NULL \
@@ -172,8 +179,8 @@ impl LeaseStore for PgLeases {
             .await
             .map_err(map_sqlx)?;
         }
-        let held: Vec<Id> =
-            sqlx::query_scalar("SELECT agent_id FROM agent_assignments WHERE holder = $1")
+        let held: Vec<(Id, i64)> =
+            sqlx::query_as("SELECT agent_id, epoch FROM agent_assignments WHERE holder = $1")
                 .bind(incarnation)
                 .fetch_all(&self.pool)
                 .await

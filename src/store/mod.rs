@@ -13,10 +13,12 @@ use crate::domain::{
     AccessLevel, Agent, AgentToken, Id, Member, PageRequest, Paged, PersonalAccessToken, Project,
     Result, Scope, SealedSecret, SecretColumn, Timestamp, UrlConfiguration, User,
 };
+pub use connections::{ConnectionStates, Holder};
 pub use leases::LeaseStore;
 
 #[macro_use]
 mod sql;
+pub mod connections;
 pub mod leases;
 mod postgres;
 mod sqlite;
@@ -155,6 +157,9 @@ pub trait Store: Send + Sync + 'static {
     /// Leases between replicas, where several can share the database (PostgreSQL); `None`
     /// where one gateway holds every agent (SQLite).
     fn leases(&self) -> Option<Arc<dyn LeaseStore>>;
+    /// Connection states shared by the replicas (PostgreSQL); `None` where the one gateway's
+    /// memory is the truth (SQLite).
+    fn connection_states(&self) -> Option<Arc<dyn ConnectionStates>>;
     /// Records the check value of every key id not seen before, and returns the value stored
     /// for each given id (the first replica to use an id decides its value).
     async fn encryption_key_checks(

@@ -48,6 +48,12 @@ impl PgStore {
         )))
     }
 
+    fn connection_store(&self) -> Option<std::sync::Arc<dyn super::connections::ConnectionStates>> {
+        Some(std::sync::Arc::new(
+            super::connections::PgConnectionStates::new(self.pool.clone()),
+        ))
+    }
+
     async fn run_migrations(&self) -> Result<()> {
         // Takes an advisory lock, so replicas starting together migrate once.
         sqlx::migrate!("./migrations/postgres")

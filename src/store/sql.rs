@@ -371,6 +371,12 @@ macro_rules! sql_store {
                 self.lease_store()
             }
 
+            fn connection_states(
+                &self,
+            ) -> Option<std::sync::Arc<dyn super::connections::ConnectionStates>> {
+                self.connection_store()
+            }
+
             async fn ping(&self) -> Result<()> {
                 sqlx::query("SELECT 1")
                     .execute(&self.pool)

@@ -60,6 +60,11 @@ impl SqliteStore {
         None
     }
 
+    /// One gateway per SQLite database: its memory holds every agent's state.
+    fn connection_store(&self) -> Option<std::sync::Arc<dyn super::connections::ConnectionStates>> {
+        None
+    }
+
     async fn run_migrations(&self) -> Result<()> {
         sqlx::migrate!("./migrations/sqlite")
             .run(&self.pool)

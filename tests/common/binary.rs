@@ -100,6 +100,7 @@ impl Gateway {
                 let Ok(line) = line else { break };
                 if let Ok(event) = serde_json::from_str::<Value>(&line)
                     && event["message"] == "listening"
+                    && event["serves"] == "REST and gRPC"
                 {
                     let _ = addr_tx.send(event["addr"].as_str().unwrap_or_default().to_owned());
                 }

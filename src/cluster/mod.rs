@@ -8,7 +8,10 @@
 //! lease for TTL − 3 s (by its own monotonic clock) stops dialling everything, before the lease
 //! can expire in the database and another replica take its agents.
 
-use std::collections::BTreeSet;
+pub mod private_api;
+pub mod sessions;
+
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -31,8 +34,8 @@ pub const SAFETY_MARGIN: Duration = Duration::from_secs(3);
 pub enum Held {
     /// Every agent: the only gateway on its database (SQLite).
     All,
-    /// These agents, by lease.
-    These(Arc<BTreeSet<Id>>),
+    /// These agents, by lease, with the epoch of each assignment.
+    These(Arc<BTreeMap<Id, i64>>),
 }
 
 impl Held {
@@ -40,12 +43,20 @@ impl Held {
     pub fn holds(&self, agent_id: Id) -> bool {
         match self {
             Self::All => true,
-            Self::These(agents) => agents.contains(&agent_id),
+            Self::These(agents) => agents.contains_key(&agent_id),
+        }
+    }
+
+    /// The fencing epoch `agent_id` is held with (0 for a single gateway).
+    pub fn epoch(&self, agent_id: Id) -> i64 {
+        match self {
+            Self::All => 0,
+            Self::These(agents) => agents.get(&agent_id).copied().unwrap_or(0),
         }
     }
 
     fn none() -> Self {
-        Self::These(Arc::new(BTreeSet::new()))
+        Self::These(Arc::new(BTreeMap::new()))
     }
 }
 
@@ -56,6 +67,8 @@ pub struct ClusterSettings {
     pub replica_id: String,
     /// How long a lease lasts without renewal.
     pub lease_ttl: Duration,
+    /// Where the other replicas reach this one's private API, if it serves one.
+    pub private_api_url: Option<String>,
 }
 
 /// This replica's membership: what it holds, and how to leave.
@@ -113,6 +126,12 @@ impl Membership {
         }
     }
 
+    /// This replica's current incarnation (empty without leases; a new one after a lost
+    /// lease).
+    pub fn incarnation(&self) -> Incarnation {
+        Incarnation(Arc::clone(&self.incarnation))
+    }
+
     /// After the sessions are hung up: gives every agent back and ends the lease, so that
     /// the others take over at once instead of after the TTL.
     pub async fn leave(mut self) {
@@ -135,6 +154,17 @@ impl Membership {
                 "releasing the agents timed out; they are free once the lease expires"
             ),
         }
+    }
+}
+
+/// Reads a replica's current incarnation.
+#[derive(Clone, Debug)]
+pub struct Incarnation(Arc<std::sync::Mutex<String>>);
+
+impl Incarnation {
+    /// The incarnation now.
+    pub fn current(&self) -> String {
+        self.0.lock().map(|i| i.clone()).unwrap_or_default()
     }
 }
 
@@ -184,7 +214,7 @@ impl Lease {
 
     /// Publishes what a round found, unless the renewal it followed is too old by now (a
     /// slow round must not revive sessions the safety rule ended).
-    fn publish(&self, agents: BTreeSet<Id>) {
+    fn publish(&self, agents: BTreeMap<Id, i64>) {
         let Ok(renewed_at) = self.renewed_at.lock() else {
             return;
         };
@@ -250,7 +280,12 @@ async fn run(
                 leases.renew(&me, ttl).await
             } else {
                 leases
-                    .join(&me, &settings.replica_id, ttl)
+                    .join(
+                        &me,
+                        &settings.replica_id,
+                        settings.private_api_url.as_deref(),
+                        ttl,
+                    )
                     .await
                     .map(|()| true)
             }
@@ -347,7 +382,7 @@ async fn round(
     me: &str,
     releasing: &mut Vec<Id>,
     holding: usize,
-) -> crate::domain::Result<BTreeSet<Id>> {
+) -> crate::domain::Result<BTreeMap<Id, i64>> {
     let (live, agents) = leases.census().await?;
     let share = fair_share(agents, live);
     let holding = i64::try_from(holding).unwrap_or(i64::MAX);
@@ -357,7 +392,7 @@ async fn round(
     let count = i64::try_from(held.len()).unwrap_or(i64::MAX);
     if count > share + 1 {
         let excess = usize::try_from(count - share).unwrap_or(0);
-        let give_back: Vec<Id> = held.iter().rev().take(excess).copied().collect();
+        let give_back: Vec<Id> = held.keys().rev().take(excess).copied().collect();
         for agent_id in &give_back {
             held.remove(agent_id);
         }
@@ -387,6 +422,6 @@ mod tests {
     fn held_sets() {
         assert!(Held::All.holds(7));
         assert!(!Held::none().holds(7));
-        assert!(Held::These(Arc::new([7].into_iter().collect())).holds(7));
+        assert!(Held::These(Arc::new([(7, 3)].into_iter().collect())).holds(7));
     }
 }
