@@ -661,9 +661,9 @@ async fn three_hundred_agents_one_answer_on_every_replica() {
     stopped.stop().await;
     // Attempts at about 1, 2.6, 4.6, 7.9 s: after 6 s the next one is seconds away.
     tokio::time::sleep(Duration::from_secs(6)).await;
-    let asked = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap();
+    let asked = Duration::from_millis(
+        u64::try_from(kas_gateway::clock::Clock::now(&SystemClock).as_millis()).unwrap(),
+    );
     let started = Instant::now();
     let session = sessions_client(&replicas[1])
         .await
