@@ -723,6 +723,44 @@ mod tests {
     use super::*;
 
     #[test]
+    fn private_api_settings() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, "cHJpdmF0ZS1hcGktc2VjcmV0LWZvci10ZXN0cy0wMDA=").unwrap();
+        let listen: SocketAddr = "127.0.0.1:8156".parse().unwrap();
+        let wildcard: SocketAddr = "0.0.0.0:8156".parse().unwrap();
+        let error = |r: anyhow::Result<Option<PrivateApiConfig>>| r.err().unwrap().to_string();
+        assert!(private_api(None, None, None).unwrap().is_none());
+        assert!(error(private_api(Some(listen), None, None)).contains("SECRET_FILE"));
+        assert!(
+            error(private_api(None, Some("http://a:1".into()), None))
+                .contains("KAS_GATEWAY_PRIVATE_API_LISTEN")
+        );
+        assert!(
+            error(private_api(Some(wildcard), None, Some(secret.clone())))
+                .contains("KAS_GATEWAY_PRIVATE_API_URL")
+        );
+        assert!(
+            error(private_api(
+                Some(listen),
+                Some("grpc://a:1".into()),
+                Some(secret.clone())
+            ))
+            .contains("http://")
+        );
+        let config = private_api(
+            Some(wildcard),
+            Some("http://gw-0:8156/".into()),
+            Some(secret),
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(config.url.as_deref(), Some("http://gw-0:8156"));
+        assert_eq!(config.secret.len(), 32);
+        assert!(!format!("{config:?}").contains("cHJp"));
+    }
+
+    #[test]
     fn unknown_environment_is_refused() {
         let names = ["PATH".to_owned(), "KAS_GATEWAY_LISTN".to_owned()];
         let err = check_environment(names.into_iter())

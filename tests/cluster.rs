@@ -351,7 +351,8 @@ async fn a_database_cut_ends_sessions_by_the_safety_rule() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     eprintln!("every session ended {:?} after the cut", cut.elapsed());
-    tokio::time::sleep(Duration::from_secs(TTL_SECONDS + 3).saturating_sub(cut.elapsed())).await;
+    // Cut for 30 s in all, well past the lease.
+    tokio::time::sleep(Duration::from_secs(30).saturating_sub(cut.elapsed())).await;
     proxy.set(true);
     let back = Instant::now();
     all_connected(&sims, Duration::from_secs(20)).await;
@@ -360,8 +361,22 @@ async fn a_database_cut_ends_sessions_by_the_safety_rule() {
         back.elapsed()
     );
     assert_never_two(&sims);
+    // The states written during the cut waited and were written once it was back.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while connected_by(&replicas[1], 2).await.iter().sum::<usize>() != sims.len() {
+        assert!(
+            Instant::now() < deadline,
+            "the connection states did not catch up"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     for gateway in &replicas {
-        assert!(!gateway.log_text().contains("\"state\":\"failed\""));
+        let log = gateway.log_text();
+        assert!(log.contains("agent connection changed"));
+        assert!(
+            !log.contains("\"to\":\"failed\""),
+            "an agent went to failed"
+        );
     }
 }
 
@@ -709,4 +724,84 @@ async fn three_hundred_agents_one_answer_on_every_replica() {
     for sim in sims {
         sim.stop().await;
     }
+}
+
+/// The private API answers only calls signed with the replicas' shared secret, and checks
+/// them before it reads a message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_private_api_takes_only_signed_calls() {
+    use kas_gateway::proto::private::v1 as private;
+    if common::postgres_skipped() {
+        return;
+    }
+    let pg = common::PgDatabase::create().await;
+    let dir = tempfile::tempdir().unwrap();
+    let gateway = replica(dir.path(), &pg.url, "gw-0");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let addr = loop {
+        let found = gateway.log_text().lines().find_map(|line| {
+            let event: serde_json::Value = serde_json::from_str(line).ok()?;
+            (event["serves"] == "the private API between replicas")
+                .then(|| event["addr"].as_str().unwrap().to_owned())
+        });
+        if let Some(addr) = found {
+            break addr;
+        }
+        assert!(Instant::now() < deadline, "no private API listener");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client =
+        private::replica_client::ReplicaClient::new(channel).max_encoding_message_size(8 << 20);
+    let now = kas_gateway::clock::Clock::now(&SystemClock).as_secs();
+    let signed = |secret: &[u8], message: private::SessionRequest| {
+        let token = kas_gateway::crypto::jwt::sign_hs256(
+            secret,
+            &json!({"iss": "kas-gateway", "aud": "kas-gateway-private-api",
+                    "iat": now, "exp": now + 30}),
+        );
+        let mut request = tonic::Request::new(message);
+        request
+            .metadata_mut()
+            .insert("authorization", format!("Bearer {token}").parse().unwrap());
+        request
+    };
+    let ping = |payload: Vec<u8>| private::SessionRequest {
+        agent_id: 1,
+        method: "ping".into(),
+        payload,
+        timeout_ms: 1_000,
+    };
+    // No token, even with a message far over the limit: refused before it is read.
+    let error = client
+        .request(tonic::Request::new(ping(vec![0; 4 << 20])))
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), tonic::Code::Unauthenticated, "{error:?}");
+    // Another secret.
+    let error = client
+        .request(signed(&[7u8; 32], ping(Vec::new())))
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), tonic::Code::Unauthenticated, "{error:?}");
+    // The shared secret: authenticated, and this replica holds no session with agent 1.
+    use base64::Engine;
+    let secret = base64::engine::general_purpose::STANDARD
+        .decode(PRIVATE_API_SECRET)
+        .unwrap();
+    let error = client
+        .request(signed(&secret, ping(Vec::new())))
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), tonic::Code::FailedPrecondition, "{error:?}");
+    // Signed, but over the message limit.
+    let error = client
+        .request(signed(&secret, ping(vec![0; 4 << 20])))
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), tonic::Code::OutOfRange, "{error:?}");
 }
