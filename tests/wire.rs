@@ -9,7 +9,7 @@ use serde_json::json;
 
 #[rstest]
 #[tokio::test]
-async fn bodies_in_every_encoding(#[values(Backend::Sqlite)] backend: Backend) {
+async fn bodies_in_every_encoding(#[values(Backend::Sqlite, Backend::Postgres)] backend: Backend) {
     let gw = gateway!(backend);
     let project = gw.project(ROOT_TOKEN, "test").await;
     let url = format!("{}/api/v4/projects/{project}/cluster_agents", gw.base);
@@ -38,13 +38,42 @@ async fn bodies_in_every_encoding(#[values(Backend::Sqlite)] backend: Backend) {
         .await
         .expect_status(201);
 
-    // Malformed JSON and a JSON body that is not an object: 400, nothing written.
-    for body in [r#"{"name":"#, "[1,2]", "\"x\"", "{\"name\":\"x\"} trailing"] {
+    // Malformed JSON: 400, nothing written.
+    for body in [r#"{"name":"#, "{\"name\":\"x\"} trailing", "[1,"] {
         let bad = post().header("Content-Type", "application/json").body(body);
         common::read(bad.send().await.unwrap())
             .await
             .expect(400, json!({"error": "The request body is not valid JSON"}));
     }
+    // Valid JSON that is not an object (the Go client sends `null` for nil options): ignored,
+    // as GitLab does; the parameters come from the query string.
+    for (i, body) in ["null", "[]", "[1,2]", "42", "\"x\"", "true"]
+        .iter()
+        .enumerate()
+    {
+        let missing = post()
+            .header("Content-Type", "application/json")
+            .body(*body);
+        common::read(missing.send().await.unwrap())
+            .await
+            .expect(400, json!({"error": "name is missing"}));
+        let from_query = gw
+            .client
+            .post(format!("{url}?name=non-object-{i}"))
+            .header("Private-Token", ROOT_TOKEN)
+            .header("Content-Type", "application/json")
+            .body(*body);
+        let created = common::read(from_query.send().await.unwrap()).await;
+        assert_eq!(
+            created.expect_status(201)["name"],
+            format!("non-object-{i}")
+        );
+    }
+    // ...but a NUL inside it is refused like anywhere else.
+    let nul = post()
+        .header("Content-Type", "application/json")
+        .body(r#"["\u0000"]"#);
+    assert_eq!(common::read(nul.send().await.unwrap()).await.status, 400);
     let other = post().header("Content-Type", "text/plain").body("name=x");
     common::read(other.send().await.unwrap())
         .await
@@ -69,6 +98,12 @@ async fn bodies_in_every_encoding(#[values(Backend::Sqlite)] backend: Backend) {
         [
             json!("form-agent"),
             json!("json-agent"),
+            json!("non-object-0"),
+            json!("non-object-1"),
+            json!("non-object-2"),
+            json!("non-object-3"),
+            json!("non-object-4"),
+            json!("non-object-5"),
             json!("query-agent")
         ]
     );

@@ -143,7 +143,15 @@ impl<S: Send + Sync> FromRequest<S> for Params {
                         }
                         params.extend(object);
                     }
-                    _ => return Err(Error::MalformedJson),
+                    // `null`, `[]`, `42` (the Go client sends `null` for nil options): valid
+                    // JSON that names no parameter. GitLab ignores it and answers from the
+                    // query string.
+                    Ok(other) => {
+                        if holds_nul(&other) {
+                            return Err(Error::MalformedString);
+                        }
+                    }
+                    Err(_) => return Err(Error::MalformedJson),
                 }
             }
             None | Some("application/x-www-form-urlencoded") => merge_form(&mut params, &body)?,
