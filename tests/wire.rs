@@ -236,3 +236,29 @@ fn openapi_document_is_generated_from_the_code() {
         assert!(agent.get(field).is_some(), "AgentJson documents {field}");
     }
 }
+
+/// `/metadata` and `/version`, as GitLab answers them: the agent server is this gateway.
+#[rstest]
+#[tokio::test]
+async fn metadata_and_version(#[values(Backend::Sqlite, Backend::Postgres)] backend: Backend) {
+    let gw = gateway!(backend);
+    for path in ["/api/v4/metadata", "/api/v4/version"] {
+        gw.call(reqwest::Method::GET, None, path, None)
+            .await
+            .expect(401, json!({"message": "401 Unauthorized"}));
+        gw.get(ROOT_TOKEN, path).await.expect(
+            200,
+            json!({
+                "version": "17.4.0",
+                "revision": format!("kas-gateway-{}", env!("CARGO_PKG_VERSION")),
+                "kas": {
+                    "enabled": true,
+                    "externalUrl": gw.config.external_url.clone().unwrap(),
+                    "externalK8sProxyUrl": null,
+                    "version": env!("CARGO_PKG_VERSION"),
+                },
+                "enterprise": false,
+            }),
+        );
+    }
+}

@@ -22,6 +22,7 @@ use crate::respond::Respond;
 pub mod agents;
 pub mod extract;
 pub mod health;
+pub mod metadata;
 pub mod paginate;
 pub mod projects;
 pub mod repr;
@@ -77,6 +78,7 @@ impl IntoResponse for Error {
         (name = "users", description = "Users and personal access tokens"),
         (name = "projects", description = "Projects"),
         (name = "members", description = "Project members"),
+        (name = "metadata", description = "The instance: version and agent server"),
         (name = "health", description = "Probes"),
     )
 )]
@@ -115,6 +117,8 @@ fn api() -> (Router<App>, utoipa::openapi::OpenApi) {
         .routes(routes!(projects::get_project))
         .routes(routes!(projects::add_member, projects::list_members))
         .routes(routes!(projects::get_member, projects::remove_member))
+        .routes(routes!(metadata::get_metadata))
+        .routes(routes!(metadata::get_version))
         .routes(routes!(health::liveness))
         .routes(routes!(health::readiness))
         .routes(routes!(health::health))

@@ -262,6 +262,17 @@ def step_read_api_token():
     assert "ro-agent" not in names, "the refused agent was created anyway"
 
 
+def step_version():
+    """gl.version() names the API's GitLab release and gl.metadata's agent server is the gateway"""
+    gl = need("gl", 1)
+    version, revision = gl.version()
+    assert version == "17.4.0", f"gl.version() is {version!r}"
+    assert revision.startswith("kas-gateway-"), f"revision is {revision!r}"
+    metadata = gl.http_get("/metadata")
+    assert metadata["kas"]["enabled"] is True, f"metadata is {metadata}"
+    assert metadata["kas"]["externalUrl"], f"metadata is {metadata}"
+
+
 STEPS = [
     step_auth,
     step_project,
@@ -269,6 +280,7 @@ STEPS = [
     step_duplicate_agent,
     step_tokens,
     step_read_api_token,
+    step_version,
 ]
 
 
