@@ -704,6 +704,45 @@ async fn three_hundred_agents_one_answer_on_every_replica() {
     );
     assert_eq!(session.replica, holder);
 
+    // A token revoked through one replica closes the session another holds within a second.
+    let (agent_id, _) = holders.iter().find(|(_, r)| r == "gw-2").unwrap().clone();
+    let tokens_path = format!("{agents_path}/{agent_id}/tokens");
+    let (_, tokens) = send(Method::GET, &replicas[0].url(&tokens_path), TOKEN, None).await;
+    let token_id = tokens[0]["id"].as_i64().unwrap();
+    let url = list_sessions(&replicas[0], pb::SessionState::Unspecified)
+        .await
+        .into_iter()
+        .find(|s| s.agent_id == agent_id)
+        .unwrap()
+        .url;
+    let position = sims
+        .iter()
+        .position(|s| url.ends_with(&format!(":{}", s.addr.port())))
+        .unwrap();
+    let revoked = sims.remove(position);
+    assert_eq!(revoked.events.open_sessions.load(Ordering::SeqCst), 1);
+    let started = Instant::now();
+    let (status, _) = send(
+        Method::DELETE,
+        &replicas[0].url(&format!("{tokens_path}/{token_id}")),
+        TOKEN,
+        None,
+    )
+    .await;
+    assert_eq!(status, 204);
+    while revoked.events.open_sessions.load(Ordering::SeqCst) != 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "a token revoked through another replica left its session up"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    eprintln!(
+        "a token revoked through gw-0 closed gw-2's session within {:?}",
+        started.elapsed()
+    );
+    revoked.stop().await;
+
     // The holder killed: until its lease expires nobody else may dial its agents, and
     // calls that need their sessions say the holder does not answer.
     let (agent_id, _) = holders.iter().find(|(_, r)| r == "gw-0").unwrap().clone();
