@@ -12,10 +12,11 @@ use sqlx::postgres::PgListener;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use super::map_sqlx;
+use super::Error;
 use crate::domain::{Id, Result};
 
-/// The lease operations of one incarnation.
+/// The lease operations of one incarnation. Errors are classified as [`Error`] and reach the
+/// caller as domain errors, through the one mapping beside the domain error.
 #[async_trait]
 pub trait LeaseStore: Send + Sync + std::fmt::Debug {
     /// Registers a new incarnation with a lease of `ttl`.
@@ -86,7 +87,7 @@ impl LeaseStore for PgLeases {
         .bind(seconds(ttl))
         .execute(&self.pool)
         .await
-        .map_err(map_sqlx)?;
+        .map_err(Error::from)?;
         Ok(())
     }
 
@@ -99,7 +100,7 @@ impl LeaseStore for PgLeases {
         .bind(seconds(ttl))
         .execute(&self.pool)
         .await
-        .map_err(map_sqlx)?
+        .map_err(Error::from)?
         .rows_affected();
         // Rows of incarnations dead for a while are of no use to anyone.
         sqlx::query(
@@ -108,18 +109,18 @@ impl LeaseStore for PgLeases {
         .bind(seconds(ttl))
         .execute(&self.pool)
         .await
-        .map_err(map_sqlx)?;
+        .map_err(Error::from)?;
         Ok(renewed == 1)
     }
 
     async fn census(&self) -> Result<(i64, i64)> {
-        sqlx::query_as(
+        Ok(sqlx::query_as(
             "SELECT (SELECT count(*) FROM replicas WHERE expires_at > now()), \
                     (SELECT count(*) FROM agent_url_configurations)",
         )
         .fetch_one(&self.pool)
         .await
-        .map_err(map_sqlx)
+        .map_err(Error::from)?)
     }
 
     async fn balance(&self, incarnation: &str, release: &[Id], claim: i64) -> Result<BTreeSet<Id>> {
@@ -134,14 +135,14 @@ impl LeaseStore for PgLeases {
         )
         .execute(&self.pool)
         .await
-        .map_err(map_sqlx)?;
+        .map_err(Error::from)?;
         sqlx::query(
             "DELETE FROM agent_assignments a WHERE NOT EXISTS \
              (SELECT 1 FROM agent_url_configurations c WHERE c.agent_id = a.agent_id)",
         )
         .execute(&self.pool)
         .await
-        .map_err(map_sqlx)?;
+        .map_err(Error::from)?;
         if !release.is_empty() {
             sqlx::query(
                 "UPDATE agent_assignments SET holder = NULL \
@@ -151,7 +152,7 @@ impl LeaseStore for PgLeases {
             .bind(release)
             .execute(&self.pool)
             .await
-            .map_err(map_sqlx)?;
+            .map_err(Error::from)?;
             self.announce().await?;
         }
         if claim > 0 {
@@ -170,36 +171,37 @@ impl LeaseStore for PgLeases {
             .bind(claim)
             .execute(&self.pool)
             .await
-            .map_err(map_sqlx)?;
+            .map_err(Error::from)?;
         }
         let held: Vec<Id> =
             sqlx::query_scalar("SELECT agent_id FROM agent_assignments WHERE holder = $1")
                 .bind(incarnation)
                 .fetch_all(&self.pool)
                 .await
-                .map_err(map_sqlx)?;
+                .map_err(Error::from)?;
         Ok(held.into_iter().collect())
     }
 
     async fn leave(&self, incarnation: &str) -> Result<()> {
-        let mut tx = self.pool.begin().await.map_err(map_sqlx)?;
+        let mut tx = self.pool.begin().await.map_err(Error::from)?;
         sqlx::query("UPDATE agent_assignments SET holder = NULL WHERE holder = $1")
             .bind(incarnation)
             .execute(&mut *tx)
             .await
-            .map_err(map_sqlx)?;
+            .map_err(Error::from)?;
         sqlx::query("DELETE FROM replicas WHERE incarnation = $1")
             .bind(incarnation)
             .execute(&mut *tx)
             .await
-            .map_err(map_sqlx)?;
+            .map_err(Error::from)?;
         // Delivered at commit.
         sqlx::query("SELECT pg_notify($1, '')")
             .bind(CHANNEL)
             .execute(&mut *tx)
             .await
-            .map_err(map_sqlx)?;
-        tx.commit().await.map_err(map_sqlx)
+            .map_err(Error::from)?;
+        tx.commit().await.map_err(Error::from)?;
+        Ok(())
     }
 
     async fn announce(&self) -> Result<()> {
@@ -207,7 +209,7 @@ impl LeaseStore for PgLeases {
             .bind(CHANNEL)
             .execute(&self.pool)
             .await
-            .map_err(map_sqlx)?;
+            .map_err(Error::from)?;
         Ok(())
     }
 

@@ -4,10 +4,11 @@
 //! both accept; `sql_store!` instantiates the one implementation of [`super::Store`] for
 //! each backend's pool type. Timestamps are stored as milliseconds since the epoch.
 
+use super::{Error, Result};
 use crate::crypto::TokenDigest;
 use crate::domain::{
-    AccessLevel, Agent, AgentToken, Error, Member, Namespace, PersonalAccessToken, Project, Result,
-    Scope, SealedSecret, SecretColumn, Timestamp, TokenStatus, UrlConfiguration, User, parse_date,
+    AccessLevel, Agent, AgentToken, Member, Namespace, PersonalAccessToken, Project, Scope,
+    SealedSecret, SecretColumn, Timestamp, TokenStatus, UrlConfiguration, User, parse_date,
 };
 
 /// Columns of a user, aliased so that a user can be joined to anything.
@@ -189,7 +190,7 @@ impl TryFrom<MemberRow> for Member {
 
     fn try_from(row: MemberRow) -> Result<Self> {
         let access_level = AccessLevel::from_value(row.access_level).ok_or_else(|| {
-            Error::Internal(format!(
+            Error::other(format!(
                 "stored access level {} is unknown",
                 row.access_level
             ))
@@ -245,7 +246,7 @@ impl TryFrom<TokenRow> for AgentToken {
 
     fn try_from(row: TokenRow) -> Result<Self> {
         let status = TokenStatus::parse(&row.status)
-            .ok_or_else(|| Error::Internal(format!("stored token status {:?}", row.status)))?;
+            .ok_or_else(|| Error::other(format!("stored token status {:?}", row.status)))?;
         Ok(AgentToken {
             id: row.id,
             agent_id: row.agent_id,
@@ -374,8 +375,7 @@ macro_rules! sql_store {
             async fn ping(&self) -> Result<()> {
                 sqlx::query("SELECT 1")
                     .execute(&self.pool)
-                    .await
-                    .map_err(map_sqlx)?;
+                    .await?;
                 Ok(())
             }
 
@@ -398,15 +398,13 @@ macro_rules! sql_store {
                     .bind(check)
                     .bind(now.as_millis())
                     .execute(&self.pool)
-                    .await
-                    .map_err(map_sqlx)?;
+                    .await?;
                     let value: String = sqlx::query_scalar(
                         "SELECT check_value FROM encryption_key_checks WHERE key_id = $1",
                     )
                     .bind(id)
                     .fetch_one(&self.pool)
-                    .await
-                    .map_err(map_sqlx)?;
+                    .await?;
                     stored.push((id.clone(), value));
                 }
                 Ok(stored)
@@ -420,8 +418,7 @@ macro_rules! sql_store {
                 let mut tx = self.begin_write().await?;
                 let users: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM users")
                     .fetch_one(&mut *tx)
-                    .await
-                    .map_err(map_sqlx)?;
+                    .await?;
                 if users > 0 {
                     return Ok(false);
                 }
@@ -446,13 +443,13 @@ macro_rules! sql_store {
                     Ok::<_, sqlx::Error>(())
                 }
                 .await
-                .map_err(map_sqlx);
+                .map_err(Error::from);
                 match inserted {
                     // Another replica bootstrapped at the same moment.
-                    Err(Error::Conflict) => Ok(false),
+                    Err(Error::Conflict(_)) => Ok(false),
                     Err(other) => Err(other),
                     Ok(()) => {
-                        tx.commit().await.map_err(map_sqlx)?;
+                        tx.commit().await?;
                         Ok(true)
                     }
                 }
@@ -466,8 +463,7 @@ macro_rules! sql_store {
                     .bind(user.is_admin)
                     .bind(user.created_at.as_millis())
                     .fetch_one(&self.pool)
-                    .await
-                    .map_err(map_sqlx)?;
+                    .await?;
                 Ok(User {
                     id,
                     username: user.username,
@@ -487,8 +483,7 @@ macro_rules! sql_store {
                 ))
                 .bind(id)
                 .fetch_optional(&self.pool)
-                .await
-                .map_err(map_sqlx)?;
+                .await?;
                 Ok(row.map(User::from))
             }
 
@@ -500,8 +495,7 @@ macro_rules! sql_store {
                 ))
                 .bind(username)
                 .fetch_optional(&self.pool)
-                .await
-                .map_err(map_sqlx)?;
+                .await?;
                 Ok(row.map(User::from))
             }
 
@@ -514,7 +508,7 @@ macro_rules! sql_store {
                 .bind(email)
                 .fetch_one(&self.pool)
                 .await
-                .map_err(map_sqlx)
+                .map_err(Error::from)
             }
 
             async fn create_personal_token(
@@ -530,8 +524,7 @@ macro_rules! sql_store {
                     .bind(token.expires_at.map(format_date))
                     .bind(token.created_at.as_millis())
                     .fetch_one(&self.pool)
-                    .await
-                    .map_err(map_sqlx)?;
+                    .await?;
                 Ok(PersonalAccessToken {
                     id,
                     user_id,
@@ -558,8 +551,7 @@ macro_rules! sql_store {
                 ))
                 .bind(digest_bytes(digest))
                 .fetch_optional(&self.pool)
-                .await
-                .map_err(map_sqlx)?;
+                .await?;
                 Ok(row.map(PersonalTokenRow::into_domain))
             }
 
@@ -568,8 +560,7 @@ macro_rules! sql_store {
                     .bind(token_id)
                     .bind(at.as_millis())
                     .execute(&self.pool)
-                    .await
-                    .map_err(map_sqlx)?;
+                    .await?;
                 Ok(())
             }
 
@@ -586,8 +577,7 @@ macro_rules! sql_store {
                 .bind(&project.name)
                 .bind(&project.path)
                 .fetch_one(&mut *tx)
-                .await
-                .map_err(map_sqlx)?;
+                .await?;
                 if name || path {
                     return Ok(Err(ProjectTaken { name, path }));
                 }
@@ -624,13 +614,13 @@ macro_rules! sql_store {
                     .await
                 }
                 .await
-                .map_err(map_sqlx);
+                .map_err(Error::from);
                 match inserted {
                     // A concurrent create took the path between the check and the insert.
-                    Err(Error::Conflict) => Ok(Err(ProjectTaken { name: false, path: true })),
+                    Err(Error::Conflict(_)) => Ok(Err(ProjectTaken { name: false, path: true })),
                     Err(other) => Err(other),
                     Ok(row) => {
-                        tx.commit().await.map_err(map_sqlx)?;
+                        tx.commit().await?;
                         Ok(Ok(row.into()))
                     }
                 }
@@ -645,8 +635,7 @@ macro_rules! sql_store {
                 ))
                 .bind(id)
                 .fetch_optional(&self.pool)
-                .await
-                .map_err(map_sqlx)?;
+                .await?;
                 Ok(row.map(Project::from))
             }
 
@@ -660,8 +649,7 @@ macro_rules! sql_store {
                 .bind(namespace)
                 .bind(path)
                 .fetch_optional(&self.pool)
-                .await
-                .map_err(map_sqlx)?;
+                .await?;
                 Ok(row.map(Project::from))
             }
 
@@ -681,12 +669,10 @@ macro_rules! sql_store {
                         .bind(page.per_page)
                         .bind(page.offset())
                         .fetch_all(&self.pool)
-                        .await
-                        .map_err(map_sqlx)?,
+                        .await?,
                         sqlx::query_scalar("SELECT COUNT(*) FROM projects")
                             .fetch_one(&self.pool)
-                            .await
-                            .map_err(map_sqlx)?,
+                            .await?,
                     ),
                     Some(user_id) => (
                         sqlx::query_as(concat!(
@@ -700,13 +686,11 @@ macro_rules! sql_store {
                         .bind(page.per_page)
                         .bind(page.offset())
                         .fetch_all(&self.pool)
-                        .await
-                        .map_err(map_sqlx)?,
+                        .await?,
                         sqlx::query_scalar("SELECT COUNT(*) FROM project_members WHERE user_id = $1")
                             .bind(user_id)
                             .fetch_one(&self.pool)
-                            .await
-                            .map_err(map_sqlx)?,
+                            .await?,
                     ),
                 };
                 Ok(Paged {
@@ -726,8 +710,7 @@ macro_rules! sql_store {
                 .bind(project_id)
                 .bind(user_id)
                 .fetch_optional(&self.pool)
-                .await
-                .map_err(map_sqlx)?;
+                .await?;
                 Ok(level.and_then(AccessLevel::from_value))
             }
 
@@ -737,7 +720,7 @@ macro_rules! sql_store {
                 user_id: Id,
                 level: AccessLevel,
                 at: Timestamp,
-            ) -> Result<Member> {
+            ) -> Result<Option<Member>> {
                 sqlx::query(
                     "INSERT INTO project_members (project_id, user_id, access_level, created_at) \
                      VALUES ($1, $2, $3, $4)",
@@ -747,11 +730,8 @@ macro_rules! sql_store {
                 .bind(level.value())
                 .bind(at.as_millis())
                 .execute(&self.pool)
-                .await
-                .map_err(map_sqlx)?;
-                self.member(project_id, user_id)
-                    .await?
-                    .ok_or(Error::NotFound(Missing::Member))
+                .await?;
+                self.member(project_id, user_id).await
             }
 
             async fn member(&self, project_id: Id, user_id: Id) -> Result<Option<Member>> {
@@ -762,8 +742,7 @@ macro_rules! sql_store {
                 .bind(project_id)
                 .bind(user_id)
                 .fetch_optional(&self.pool)
-                .await
-                .map_err(map_sqlx)?;
+                .await?;
                 row.map(Member::try_from).transpose()
             }
 
@@ -776,14 +755,12 @@ macro_rules! sql_store {
                 .bind(page.per_page)
                 .bind(page.offset())
                 .fetch_all(&self.pool)
-                .await
-                .map_err(map_sqlx)?;
+                .await?;
                 let total: i64 =
                     sqlx::query_scalar("SELECT COUNT(*) FROM project_members WHERE project_id = $1")
                         .bind(project_id)
                         .fetch_one(&self.pool)
-                        .await
-                        .map_err(map_sqlx)?;
+                        .await?;
                 Ok(Paged {
                     items: rows.into_iter().map(Member::try_from).collect::<Result<_>>()?,
                     total,
@@ -796,16 +773,14 @@ macro_rules! sql_store {
                 sqlx::query("UPDATE projects SET updated_at = updated_at WHERE id = $1")
                     .bind(project_id)
                     .execute(&mut *tx)
-                    .await
-                    .map_err(map_sqlx)?;
+                    .await?;
                 let level: Option<i64> = sqlx::query_scalar(
                     "SELECT access_level FROM project_members WHERE project_id = $1 AND user_id = $2",
                 )
                 .bind(project_id)
                 .bind(user_id)
                 .fetch_optional(&mut *tx)
-                .await
-                .map_err(map_sqlx)?;
+                .await?;
                 let Some(level) = level else {
                     return Ok(MemberRemoved::NotMember);
                 };
@@ -816,8 +791,7 @@ macro_rules! sql_store {
                     .bind(project_id)
                     .bind(AccessLevel::Owner.value())
                     .fetch_one(&mut *tx)
-                    .await
-                    .map_err(map_sqlx)?;
+                    .await?;
                     if owners <= 1 {
                         return Ok(MemberRemoved::LastOwner);
                     }
@@ -826,9 +800,8 @@ macro_rules! sql_store {
                     .bind(project_id)
                     .bind(user_id)
                     .execute(&mut *tx)
-                    .await
-                    .map_err(map_sqlx)?;
-                tx.commit().await.map_err(map_sqlx)?;
+                    .await?;
+                tx.commit().await?;
                 Ok(MemberRemoved::Removed)
             }
 
@@ -848,11 +821,10 @@ macro_rules! sql_store {
                 .bind(created_by)
                 .bind(at.as_millis())
                 .fetch_one(&self.pool)
-                .await
-                .map_err(map_sqlx)?;
+                .await?;
                 self.agent(project_id, id)
                     .await?
-                    .ok_or(Error::NotFound(Missing::Record))
+                    .ok_or(Error::NotFound)
             }
 
             async fn list_agents(&self, project_id: Id, page: PageRequest) -> Result<Paged<Agent>> {
@@ -864,14 +836,12 @@ macro_rules! sql_store {
                 .bind(page.per_page)
                 .bind(page.offset())
                 .fetch_all(&self.pool)
-                .await
-                .map_err(map_sqlx)?;
+                .await?;
                 let total: i64 =
                     sqlx::query_scalar("SELECT COUNT(*) FROM cluster_agents WHERE project_id = $1")
                         .bind(project_id)
                         .fetch_one(&self.pool)
-                        .await
-                        .map_err(map_sqlx)?;
+                        .await?;
                 Ok(Paged {
                     items: rows.into_iter().map(Agent::from).collect(),
                     total,
@@ -886,8 +856,7 @@ macro_rules! sql_store {
                 .bind(project_id)
                 .bind(agent_id)
                 .fetch_optional(&self.pool)
-                .await
-                .map_err(map_sqlx)?;
+                .await?;
                 Ok(row.map(Agent::from))
             }
 
@@ -896,7 +865,7 @@ macro_rules! sql_store {
                 project_id: Id,
                 agent_id: Id,
                 unmodified_since: Option<Timestamp>,
-            ) -> Result<()> {
+            ) -> Result<AgentDeleted> {
                 let mut tx = self.begin_write().await?;
                 let updated_at: Option<i64> = sqlx::query_scalar(
                     "SELECT updated_at FROM cluster_agents WHERE project_id = $1 AND id = $2",
@@ -904,23 +873,22 @@ macro_rules! sql_store {
                 .bind(project_id)
                 .bind(agent_id)
                 .fetch_optional(&mut *tx)
-                .await
-                .map_err(map_sqlx)?;
+                .await?;
                 let Some(updated_at) = updated_at else {
-                    return Err(Error::NotFound(Missing::Record));
+                    return Err(Error::NotFound);
                 };
                 // HTTP dates have whole seconds: compare at that precision.
                 if let Some(since) = unmodified_since
                     && Timestamp::from_millis(updated_at).as_secs() > since.as_secs()
                 {
-                    return Err(Error::PreconditionFailed);
+                    return Ok(AgentDeleted::Modified);
                 }
                 sqlx::query("DELETE FROM cluster_agents WHERE id = $1")
                     .bind(agent_id)
                     .execute(&mut *tx)
-                    .await
-                    .map_err(map_sqlx)?;
-                tx.commit().await.map_err(map_sqlx)
+                    .await?;
+                tx.commit().await?;
+                Ok(AgentDeleted::Deleted)
             }
 
             async fn create_agent_token(
@@ -937,18 +905,16 @@ macro_rules! sql_store {
                 )
                 .bind(agent_id)
                 .execute(&mut *tx)
-                .await
-                .map_err(map_sqlx)?;
+                .await?;
                 if locked.rows_affected() == 0 {
-                    return Err(Error::NotFound(Missing::Record));
+                    return Err(Error::NotFound);
                 }
                 let active: i64 = sqlx::query_scalar(
                     "SELECT COUNT(*) FROM cluster_agent_tokens WHERE agent_id = $1 AND status = 'active'",
                 )
                 .bind(agent_id)
                 .fetch_one(&mut *tx)
-                .await
-                .map_err(map_sqlx)?;
+                .await?;
                 if active >= limit {
                     return Ok(TokenCreated::LimitReached);
                 }
@@ -964,9 +930,8 @@ macro_rules! sql_store {
                 .bind(token.created_by_user_id)
                 .bind(token.created_at.as_millis())
                 .fetch_one(&mut *tx)
-                .await
-                .map_err(map_sqlx)?;
-                tx.commit().await.map_err(map_sqlx)?;
+                .await?;
+                tx.commit().await?;
                 Ok(TokenCreated::Created(AgentToken {
                     id,
                     agent_id,
@@ -993,15 +958,13 @@ macro_rules! sql_store {
                 .bind(page.per_page)
                 .bind(page.offset())
                 .fetch_all(&self.pool)
-                .await
-                .map_err(map_sqlx)?;
+                .await?;
                 let total: i64 = sqlx::query_scalar(
                     "SELECT COUNT(*) FROM cluster_agent_tokens WHERE agent_id = $1 AND status = 'active'",
                 )
                 .bind(agent_id)
                 .fetch_one(&self.pool)
-                .await
-                .map_err(map_sqlx)?;
+                .await?;
                 Ok(Paged {
                     items: rows
                         .into_iter()
@@ -1019,8 +982,7 @@ macro_rules! sql_store {
                 .bind(agent_id)
                 .bind(token_id)
                 .fetch_optional(&self.pool)
-                .await
-                .map_err(map_sqlx)?;
+                .await?;
                 row.map(AgentToken::try_from).transpose()
             }
 
@@ -1044,16 +1006,14 @@ macro_rules! sql_store {
                 .bind(config.created_by_user_id)
                 .bind(config.created_at.as_millis())
                 .fetch_one(&mut *tx)
-                .await
-                .map_err(map_sqlx)?;
-                let envelope = seal(id)?;
+                .await?;
+                let envelope = seal(id).map_err(Error::other)?;
                 sqlx::query(store_sealed_sql(config.secret_column))
                     .bind(envelope)
                     .bind(id)
                     .execute(&mut *tx)
-                    .await
-                    .map_err(map_sqlx)?;
-                tx.commit().await.map_err(map_sqlx)?;
+                    .await?;
+                tx.commit().await?;
                 Ok(UrlConfiguration {
                     id,
                     agent_id: config.agent_id,
@@ -1075,8 +1035,7 @@ macro_rules! sql_store {
                 ))
                 .bind(agent_id)
                 .fetch_all(&self.pool)
-                .await
-                .map_err(map_sqlx)?;
+                .await?;
                 Ok(rows.into_iter().map(UrlConfiguration::from).collect())
             }
 
@@ -1092,8 +1051,7 @@ macro_rules! sql_store {
                 .bind(agent_id)
                 .bind(id)
                 .fetch_optional(&self.pool)
-                .await
-                .map_err(map_sqlx)?;
+                .await?;
                 Ok(row.map(UrlConfiguration::from))
             }
 
@@ -1104,8 +1062,7 @@ macro_rules! sql_store {
                 .bind(agent_id)
                 .bind(id)
                 .execute(&self.pool)
-                .await
-                .map_err(map_sqlx)?;
+                .await?;
                 Ok(done.rows_affected() > 0)
             }
 
@@ -1115,8 +1072,7 @@ macro_rules! sql_store {
                 )
                 .bind(id)
                 .fetch_optional(&self.pool)
-                .await
-                .map_err(map_sqlx)?;
+                .await?;
                 Ok(row.and_then(|row| row.into_secrets().next()))
             }
 
@@ -1125,8 +1081,7 @@ macro_rules! sql_store {
                     sqlx::query_as(concat!(agent_select!(), "WHERE a.id = $1"))
                         .bind(agent_id)
                         .fetch_optional(&self.pool)
-                        .await
-                        .map_err(map_sqlx)?;
+                        .await?;
                 Ok(row.map(Agent::from))
             }
 
@@ -1135,8 +1090,7 @@ macro_rules! sql_store {
                     sqlx::query_as(concat!(url_configuration_select!(), "WHERE c.id = $1"))
                         .bind(id)
                         .fetch_optional(&self.pool)
-                        .await
-                        .map_err(map_sqlx)?;
+                        .await?;
                 Ok(row.map(UrlConfiguration::from))
             }
 
@@ -1157,8 +1111,7 @@ macro_rules! sql_store {
                 .bind(page.per_page)
                 .bind(page.offset())
                 .fetch_all(&self.pool)
-                .await
-                .map_err(map_sqlx)?;
+                .await?;
                 let total: i64 = sqlx::query_scalar(
                     "SELECT COUNT(*) FROM agent_url_configurations c \
                      JOIN cluster_agents a ON a.id = c.agent_id \
@@ -1168,8 +1121,7 @@ macro_rules! sql_store {
                 .bind(project_id)
                 .bind(agent_id)
                 .fetch_one(&self.pool)
-                .await
-                .map_err(map_sqlx)?;
+                .await?;
                 Ok(Paged {
                     items: rows.into_iter().map(UrlConfiguration::from).collect(),
                     total,
@@ -1180,8 +1132,7 @@ macro_rules! sql_store {
                 let rows: Vec<UrlConfigurationRow> =
                     sqlx::query_as(concat!(url_configuration_select!(), "ORDER BY c.id"))
                         .fetch_all(&self.pool)
-                        .await
-                        .map_err(map_sqlx)?;
+                        .await?;
                 Ok(rows.into_iter().map(UrlConfiguration::from).collect())
             }
 
@@ -1193,8 +1144,7 @@ macro_rules! sql_store {
                     sqlx::query_as(concat!(token_select!(), "WHERE token_digest = $1"))
                         .bind(digest_bytes(digest))
                         .fetch_optional(&self.pool)
-                        .await
-                        .map_err(map_sqlx)?;
+                        .await?;
                 row.map(AgentToken::try_from).transpose()
             }
 
@@ -1207,8 +1157,7 @@ macro_rules! sql_store {
                 .bind(at.as_millis())
                 .bind(at.as_millis() - 60_000)
                 .execute(&self.pool)
-                .await
-                .map_err(map_sqlx)?;
+                .await?;
                 Ok(())
             }
 
@@ -1217,8 +1166,7 @@ macro_rules! sql_store {
                     "SELECT id, private_key, client_key FROM agent_url_configurations ORDER BY id",
                 )
                 .fetch_all(&self.pool)
-                .await
-                .map_err(map_sqlx)?;
+                .await?;
                 Ok(rows.into_iter().flat_map(SealedRow::into_secrets).collect())
             }
 
@@ -1228,8 +1176,7 @@ macro_rules! sql_store {
                     .bind(old.row)
                     .bind(&old.envelope)
                     .execute(&self.pool)
-                    .await
-                    .map_err(map_sqlx)?;
+                    .await?;
                 Ok(done.rows_affected() > 0)
             }
 
@@ -1240,8 +1187,7 @@ macro_rules! sql_store {
                 .bind(agent_id)
                 .bind(token_id)
                 .execute(&self.pool)
-                .await
-                .map_err(map_sqlx)?;
+                .await?;
                 Ok(done.rows_affected() > 0)
             }
         }
