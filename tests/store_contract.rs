@@ -7,10 +7,10 @@ use std::sync::Arc;
 
 use common::{Backend, PgDatabase, START};
 use kas_gateway::crypto::TokenDigest;
-use kas_gateway::domain::{AccessLevel, Error, PageRequest, Scope, Timestamp};
+use kas_gateway::domain::{AccessLevel, PageRequest, Scope, Timestamp};
 use kas_gateway::store::{
-    self, MemberRemoved, NewAgentToken, NewPersonalToken, NewProject, NewUser, SharedStore,
-    TokenCreated,
+    self, AgentDeleted, MemberRemoved, NewAgentToken, NewPersonalToken, NewProject, NewUser,
+    SharedStore, TokenCreated,
 };
 use rstest::rstest;
 
@@ -133,10 +133,10 @@ async fn bootstrap_happens_once(#[values(Backend::Sqlite, Backend::Postgres)] ba
 async fn users_and_personal_tokens(#[values(Backend::Sqlite, Backend::Postgres)] backend: Backend) {
     let s = subject!(backend);
     let alice = s.store.create_user(user("alice")).await.unwrap();
-    assert_eq!(
-        s.store.create_user(user("Alice")).await.err(),
-        Some(Error::Conflict)
-    );
+    assert!(matches!(
+        s.store.create_user(user("Alice")).await,
+        Err(store::Error::Conflict(_))
+    ));
     assert_eq!(
         s.store.user_taken("ALICE", "x@y").await.unwrap(),
         (true, false)
@@ -165,13 +165,10 @@ async fn users_and_personal_tokens(#[values(Backend::Sqlite, Backend::Postgres)]
             .unwrap()
             .is_none()
     );
-    assert_eq!(
-        s.store
-            .create_personal_token(alice.id, pat("secret"))
-            .await
-            .err(),
-        Some(Error::Conflict)
-    );
+    assert!(matches!(
+        s.store.create_personal_token(alice.id, pat("secret")).await,
+        Err(store::Error::Conflict(_))
+    ));
     let later = Timestamp::from_millis(START.as_millis() + 5_000);
     s.store.touch_personal_token(token.id, later).await.unwrap();
     let (found, _) = s
@@ -232,13 +229,12 @@ async fn projects_and_members(#[values(Backend::Sqlite, Backend::Postgres)] back
         .add_member(project.id, bob.id, AccessLevel::Owner, START)
         .await
         .unwrap();
-    assert_eq!(
+    assert!(matches!(
         s.store
             .add_member(project.id, bob.id, AccessLevel::Guest, START)
-            .await
-            .err(),
-        Some(Error::Conflict)
-    );
+            .await,
+        Err(store::Error::Conflict(_))
+    ));
     let page = s
         .store
         .list_members(
@@ -278,10 +274,10 @@ async fn projects_and_members(#[values(Backend::Sqlite, Backend::Postgres)] back
 async fn agents(#[values(Backend::Sqlite, Backend::Postgres)] backend: Backend) {
     let s = subject!(backend);
     let (project, agent) = project_with_agent(&s.store).await;
-    assert_eq!(
-        s.store.register_agent(project, "a", 1, START).await.err(),
-        Some(Error::Conflict)
-    );
+    assert!(matches!(
+        s.store.register_agent(project, "a", 1, START).await,
+        Err(store::Error::Conflict(_))
+    ));
     let fetched = s.store.agent(project, agent).await.unwrap().unwrap();
     assert_eq!((fetched.name.as_str(), fetched.is_receptive), ("a", false));
     assert!(s.store.agent(project + 1, agent).await.unwrap().is_none());
@@ -291,16 +287,19 @@ async fn agents(#[values(Backend::Sqlite, Backend::Postgres)] backend: Backend) 
         s.store
             .delete_agent(project, agent, Some(earlier))
             .await
-            .err(),
-        Some(Error::PreconditionFailed)
+            .unwrap(),
+        AgentDeleted::Modified
     );
-    s.store
-        .delete_agent(project, agent, Some(START))
-        .await
-        .unwrap();
+    assert_eq!(
+        s.store
+            .delete_agent(project, agent, Some(START))
+            .await
+            .unwrap(),
+        AgentDeleted::Deleted
+    );
     assert!(matches!(
         s.store.delete_agent(project, agent, None).await,
-        Err(Error::NotFound(_))
+        Err(store::Error::NotFound)
     ));
 }
 
@@ -341,7 +340,7 @@ async fn token_limit_under_concurrency(
         s.store
             .create_agent_token(agent + 100, agent_token("x"), 2)
             .await,
-        Err(Error::NotFound(_))
+        Err(store::Error::NotFound)
     ));
 }
 

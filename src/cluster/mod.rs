@@ -291,7 +291,7 @@ async fn run(
             }
         })
         .await
-        .unwrap_or_else(|_| Err(crate::domain::Error::Unavailable("timed out".into())));
+        .unwrap_or_else(|_| Err(crate::store::Error::other("no answer within a heartbeat")));
         match renewal {
             Ok(true) => {
                 if !joined {
@@ -382,7 +382,7 @@ async fn round(
     me: &str,
     releasing: &mut Vec<Id>,
     holding: usize,
-) -> crate::domain::Result<BTreeMap<Id, i64>> {
+) -> crate::store::Result<BTreeMap<Id, i64>> {
     let (live, agents) = leases.census().await?;
     let share = fair_share(agents, live);
     let holding = i64::try_from(holding).unwrap_or(i64::MAX);

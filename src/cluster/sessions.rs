@@ -101,11 +101,11 @@ impl ClusterSessions {
 #[async_trait::async_trait]
 impl Sessions for ClusterSessions {
     async fn get(&self, agent_id: Id) -> crate::domain::Result<Option<Connection>> {
-        self.states.get(agent_id).await
+        Ok(self.states.get(agent_id).await?)
     }
 
     async fn all(&self) -> crate::domain::Result<Vec<Connection>> {
-        self.states.all().await
+        Ok(self.states.all().await?)
     }
 
     fn subscribe(&self) -> broadcast::Receiver<Connection> {

@@ -119,3 +119,50 @@ impl Error {
         Self::Validation(vec![message.into()])
     }
 }
+
+/// The one place a store error becomes a domain error. What reaches a client is decided from
+/// the result by [`crate::respond`]; the causes go to the log only.
+impl From<crate::store::Error> for Error {
+    fn from(error: crate::store::Error) -> Self {
+        use crate::store::Error as Store;
+        match error {
+            Store::NotFound => Self::NotFound(Missing::Record),
+            Store::Conflict(_) => Self::Conflict,
+            Store::Unavailable(cause) => Self::Unavailable(cause.to_string()),
+            // A domain error raised inside a store transaction (sealing a secret) comes back
+            // as it was.
+            Store::Other(cause) => match cause.downcast::<Self>() {
+                Ok(domain) => *domain,
+                Err(cause) => Self::Internal(cause.to_string()),
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store;
+
+    #[test]
+    fn store_errors_map_to_what_clients_saw_before() {
+        assert_eq!(
+            Error::from(store::Error::NotFound),
+            Error::NotFound(Missing::Record)
+        );
+        let unique = sqlx::Error::Protocol("stand-in for a unique violation".into());
+        assert_eq!(Error::from(store::Error::Conflict(unique)), Error::Conflict);
+        // The cause logged is the database's own words, as before.
+        assert_eq!(
+            Error::from(store::Error::Unavailable(sqlx::Error::PoolTimedOut)),
+            Error::Unavailable(sqlx::Error::PoolTimedOut.to_string())
+        );
+        assert_eq!(
+            Error::from(store::Error::other("stored token status \"x\"")),
+            Error::Internal("stored token status \"x\"".into())
+        );
+        // A domain error raised inside a store transaction is not turned into another.
+        let sealing = Error::Internal("no active key".into());
+        assert_eq!(Error::from(store::Error::other(sealing.clone())), sealing);
+    }
+}

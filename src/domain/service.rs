@@ -17,8 +17,8 @@ use crate::crypto::envelope::Place;
 use crate::crypto::keys::Secrets;
 use crate::crypto::{self, Secret, TokenDigest, x509};
 use crate::store::{
-    MemberRemoved, NewAgentToken, NewPersonalToken, NewProject, NewUrlConfiguration, NewUser,
-    SharedStore, TokenCreated,
+    AgentDeleted, Error as StoreError, MemberRemoved, NewAgentToken, NewPersonalToken, NewProject,
+    NewUrlConfiguration, NewUser, SharedStore, TokenCreated,
 };
 
 /// At most this many active tokens per agent.
@@ -276,7 +276,7 @@ impl Service {
 
     /// Every URL configuration: what the dialer should keep connected.
     pub async fn desired_sessions(&self) -> Result<Vec<UrlConfiguration>> {
-        self.store.all_url_configurations().await
+        Ok(self.store.all_url_configurations().await?)
     }
 
     /// Checks the token an agent presents after the gateway dialled `agent_id`; success
@@ -453,10 +453,10 @@ impl Service {
             })
             .await;
         match created {
-            Err(Error::Conflict) => Err(conflict(
+            Err(StoreError::Conflict(_)) => Err(conflict(
                 self.store.user_taken(&input.username, &input.email).await?,
             )),
-            other => other,
+            other => Ok(other?),
         }
     }
 
@@ -627,7 +627,7 @@ impl Service {
         page: PageRequest,
     ) -> Result<Paged<Project>> {
         let member = (!caller.is_admin()).then_some(caller.user.id);
-        self.store.list_projects(member, page).await
+        Ok(self.store.list_projects(member, page).await?)
     }
 
     /// Adds a member (Maintainer; Owner to add an Owner).
@@ -657,8 +657,10 @@ impl Service {
             .add_member(project.id, user.id, level, self.now())
             .await
         {
-            Err(Error::Conflict) => Err(Error::AlreadyExists("Member already exists".into())),
-            other => other,
+            Err(StoreError::Conflict(_)) => {
+                Err(Error::AlreadyExists("Member already exists".into()))
+            }
+            other => other?.ok_or(Error::NotFound(Missing::Member)),
         }
     }
 
@@ -670,7 +672,7 @@ impl Service {
         page: PageRequest,
     ) -> Result<Paged<Member>> {
         let project = self.project(caller, project).await?;
-        self.store.list_members(project.id, page).await
+        Ok(self.store.list_members(project.id, page).await?)
     }
 
     /// One member of a project.
@@ -740,7 +742,7 @@ impl Service {
                 Error::NotFound(Missing::ClusterAgents),
             )
             .await?;
-        self.store.list_agents(project.id, page).await
+        Ok(self.store.list_agents(project.id, page).await?)
     }
 
     async fn agent_of(&self, project: &Project, agent_id: Id) -> Result<Agent> {
@@ -787,8 +789,8 @@ impl Service {
             .register_agent(project.id, name, caller.user.id, self.now())
             .await
         {
-            Err(Error::Conflict) => Err(Error::invalid("Name has already been taken")),
-            other => other,
+            Err(StoreError::Conflict(_)) => Err(Error::invalid("Name has already been taken")),
+            other => Ok(other?),
         }
     }
 
@@ -803,11 +805,17 @@ impl Service {
         let (project, _) = self
             .project_with_role(caller, project, AccessLevel::Maintainer, Error::Forbidden)
             .await?;
-        self.store
+        match self
+            .store
             .delete_agent(project.id, agent_id, unmodified_since)
-            .await?;
-        self.changed();
-        Ok(())
+            .await?
+        {
+            AgentDeleted::Deleted => {
+                self.changed();
+                Ok(())
+            }
+            AgentDeleted::Modified => Err(Error::PreconditionFailed),
+        }
     }
 
     // ---- agent tokens ---------------------------------------------------------------
@@ -839,7 +847,7 @@ impl Service {
         let agent = self
             .agent_with_role(caller, project, agent_id, AccessLevel::Developer)
             .await?;
-        self.store.list_agent_tokens(agent.id, page).await
+        Ok(self.store.list_agent_tokens(agent.id, page).await?)
     }
 
     /// One active token (Developer).
@@ -953,7 +961,7 @@ impl Service {
         let agent = self
             .agent_for_url_configurations(caller, project, agent_id, AccessLevel::Developer)
             .await?;
-        self.store.url_configurations(agent.id).await
+        Ok(self.store.url_configurations(agent.id).await?)
     }
 
     /// One URL configuration (Developer).
@@ -1024,10 +1032,10 @@ impl Service {
             )
             .await;
         let created = match created {
-            Err(Error::Conflict) => Err(Error::LimitReached(
+            Err(StoreError::Conflict(_)) => Err(Error::LimitReached(
                 "URL configuration already exists for this agent".into(),
             )),
-            other => other,
+            other => Ok(other?),
         };
         if created.is_ok() {
             self.changed();
@@ -1098,9 +1106,10 @@ impl Service {
     ) -> Result<Paged<UrlConfiguration>> {
         self.require_receptive()?;
         require_admin(caller)?;
-        self.store
+        Ok(self
+            .store
             .list_url_configurations(project_id, agent_id, page)
-            .await
+            .await?)
     }
 
     /// An agent's connection state by agent id alone (Developer of its project).

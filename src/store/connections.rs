@@ -10,8 +10,8 @@ use sqlx::postgres::PgListener;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::map_sqlx;
-use crate::domain::{AgentMetadata, Connection, Id, Phase, Result, Timestamp};
+use super::{Error, Result};
+use crate::domain::{AgentMetadata, Connection, Id, Phase, Timestamp};
 
 /// The replica that holds an agent, as the others reach it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -68,7 +68,7 @@ impl PgConnectionStates {
             .bind(agent_ids)
             .fetch_all(&self.pool)
             .await
-            .map_err(map_sqlx)?;
+            .map_err(Error::from)?;
         Ok(rows.into_iter().map(Row::into_connection).collect())
     }
 }
@@ -246,7 +246,7 @@ impl ConnectionStates for PgConnectionStates {
             .bind(CHANNEL)
             .execute(&self.pool)
             .await
-            .map_err(map_sqlx)?;
+            .map_err(Error::from)?;
         }
         Ok(())
     }
@@ -272,7 +272,7 @@ impl ConnectionStates for PgConnectionStates {
         .bind(agent_id)
         .fetch_optional(&self.pool)
         .await
-        .map_err(map_sqlx)?;
+        .map_err(Error::from)?;
         Ok(
             row.map(|(incarnation, replica_id, private_api_url)| Holder {
                 incarnation,

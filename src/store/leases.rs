@@ -12,8 +12,9 @@ use sqlx::postgres::PgListener;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use super::map_sqlx;
-use crate::domain::{Id, Result};
+use super::Error;
+use super::Result;
+use crate::domain::Id;
 
 /// The lease operations of one incarnation.
 #[async_trait]
@@ -104,7 +105,7 @@ impl LeaseStore for PgLeases {
         .bind(seconds(ttl))
         .execute(&self.pool)
         .await
-        .map_err(map_sqlx)?;
+        .map_err(Error::from)?;
         Ok(())
     }
 
@@ -117,7 +118,7 @@ impl LeaseStore for PgLeases {
         .bind(seconds(ttl))
         .execute(&self.pool)
         .await
-        .map_err(map_sqlx)?
+        .map_err(Error::from)?
         .rows_affected();
         // Rows of incarnations dead for a while are of no use to anyone.
         sqlx::query(
@@ -126,18 +127,18 @@ impl LeaseStore for PgLeases {
         .bind(seconds(ttl))
         .execute(&self.pool)
         .await
-        .map_err(map_sqlx)?;
+        .map_err(Error::from)?;
         Ok(renewed == 1)
     }
 
     async fn census(&self) -> Result<(i64, i64)> {
-        sqlx::query_as(
+        Ok(sqlx::query_as(
             "SELECT (SELECT count(*) FROM replicas WHERE expires_at > now()), \
                     (SELECT count(*) FROM agent_url_configurations)",
         )
         .fetch_one(&self.pool)
         .await
-        .map_err(map_sqlx)
+        .map_err(Error::from)?)
     }
 
     async fn balance(
@@ -158,7 +159,7 @@ impl LeaseStore for PgLeases {
             .bind(release)
             .execute(&self.pool)
             .await
-            .map_err(map_sqlx)?;
+            .map_err(Error::from)?;
             self.announce().await?;
         }
         if claim > 0 {
@@ -177,36 +178,37 @@ impl LeaseStore for PgLeases {
             .bind(claim)
             .execute(&self.pool)
             .await
-            .map_err(map_sqlx)?;
+            .map_err(Error::from)?;
         }
         let held: Vec<(Id, i64)> =
             sqlx::query_as("SELECT agent_id, epoch FROM agent_assignments WHERE holder = $1")
                 .bind(incarnation)
                 .fetch_all(&self.pool)
                 .await
-                .map_err(map_sqlx)?;
+                .map_err(Error::from)?;
         Ok(held.into_iter().collect())
     }
 
     async fn leave(&self, incarnation: &str) -> Result<()> {
-        let mut tx = self.pool.begin().await.map_err(map_sqlx)?;
+        let mut tx = self.pool.begin().await.map_err(Error::from)?;
         sqlx::query("UPDATE agent_assignments SET holder = NULL WHERE holder = $1")
             .bind(incarnation)
             .execute(&mut *tx)
             .await
-            .map_err(map_sqlx)?;
+            .map_err(Error::from)?;
         sqlx::query("DELETE FROM replicas WHERE incarnation = $1")
             .bind(incarnation)
             .execute(&mut *tx)
             .await
-            .map_err(map_sqlx)?;
+            .map_err(Error::from)?;
         // Delivered at commit.
         sqlx::query("SELECT pg_notify($1, '')")
             .bind(CHANNEL)
             .execute(&mut *tx)
             .await
-            .map_err(map_sqlx)?;
-        tx.commit().await.map_err(map_sqlx)
+            .map_err(Error::from)?;
+        tx.commit().await.map_err(Error::from)?;
+        Ok(())
     }
 
     async fn announce(&self) -> Result<()> {
@@ -214,7 +216,7 @@ impl LeaseStore for PgLeases {
             .bind(CHANNEL)
             .execute(&self.pool)
             .await
-            .map_err(map_sqlx)?;
+            .map_err(Error::from)?;
         Ok(())
     }
 

@@ -11,14 +11,16 @@ use async_trait::async_trait;
 use crate::crypto::TokenDigest;
 use crate::domain::{
     AccessLevel, Agent, AgentToken, Id, Member, PageRequest, Paged, PersonalAccessToken, Project,
-    Result, Scope, SealedSecret, SecretColumn, Timestamp, UrlConfiguration, User,
+    Scope, SealedSecret, SecretColumn, Timestamp, UrlConfiguration, User,
 };
 pub use connections::{ConnectionStates, Holder};
+pub use error::{Error, Result};
 pub use leases::LeaseStore;
 
 #[macro_use]
 mod sql;
 pub mod connections;
+mod error;
 pub mod leases;
 mod postgres;
 mod sqlite;
@@ -129,8 +131,9 @@ pub struct NewUrlConfiguration {
     pub created_at: Timestamp,
 }
 
-/// Seals a secret for the row id it is given (called inside the create transaction).
-pub type Sealer<'a> = &'a (dyn Fn(Id) -> Result<Vec<u8>> + Send + Sync);
+/// Seals a secret for the row id it is given (called inside the create transaction); its
+/// domain error comes back unchanged through [`Error::Other`].
+pub type Sealer<'a> = &'a (dyn Fn(Id) -> crate::domain::Result<Vec<u8>> + Send + Sync);
 
 /// The outcome of removing a member.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -143,9 +146,18 @@ pub enum MemberRemoved {
     LastOwner,
 }
 
-/// The domain's storage operations. Errors are already domain errors: a missing row is
-/// [`crate::domain::Error::NotFound`], a unique violation [`crate::domain::Error::Conflict`],
-/// an unreachable database [`crate::domain::Error::Unavailable`].
+/// The outcome of deleting an agent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AgentDeleted {
+    /// Deleted.
+    Deleted,
+    /// It changed after the given time, and stays.
+    Modified,
+}
+
+/// The domain's storage operations. Errors are the store's own: a missing row is
+/// [`Error::NotFound`], a unique violation [`Error::Conflict`], an unreachable database
+/// [`Error::Unavailable`]; the domain maps them in one place.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// `sqlite` or `postgres`.
@@ -212,14 +224,15 @@ pub trait Store: Send + Sync + 'static {
 
     /// The role `user_id` has in `project_id`, if a member.
     async fn access_level(&self, project_id: Id, user_id: Id) -> Result<Option<AccessLevel>>;
-    /// Adds a member. Conflict when already a member.
+    /// Adds a member. Conflict when already a member; `None` when the membership was removed
+    /// again before it could be read back.
     async fn add_member(
         &self,
         project_id: Id,
         user_id: Id,
         level: AccessLevel,
         at: Timestamp,
-    ) -> Result<Member>;
+    ) -> Result<Option<Member>>;
     /// One member.
     async fn member(&self, project_id: Id, user_id: Id) -> Result<Option<Member>>;
     /// The members of a project, by username.
@@ -239,14 +252,14 @@ pub trait Store: Send + Sync + 'static {
     async fn list_agents(&self, project_id: Id, page: PageRequest) -> Result<Paged<Agent>>;
     /// One agent of a project.
     async fn agent(&self, project_id: Id, agent_id: Id) -> Result<Option<Agent>>;
-    /// Deletes an agent and everything that belongs to it. NotFound when there is no such
-    /// agent; PreconditionFailed when it changed after `unmodified_since`.
+    /// Deletes an agent and everything that belongs to it, unless it changed after
+    /// `unmodified_since`. NotFound when there is no such agent.
     async fn delete_agent(
         &self,
         project_id: Id,
         agent_id: Id,
         unmodified_since: Option<Timestamp>,
-    ) -> Result<()>;
+    ) -> Result<AgentDeleted>;
 
     /// Creates an agent token unless the agent already has `limit` active ones; the check
     /// and the insert are one serialised transaction, so the limit holds under concurrency.
@@ -315,115 +328,5 @@ pub async fn connect(url: &str, max_connections: u32) -> anyhow::Result<SharedSt
         Ok(Arc::new(PgStore::connect(url, max_connections).await?))
     } else {
         anyhow::bail!("unsupported database URL scheme (expected sqlite: or postgres:)")
-    }
-}
-
-/// Maps a storage error to a domain error, at the store boundary. Every way of not reaching
-/// the database is [`crate::domain::Error::Unavailable`] (503, `UNAVAILABLE`, a warning in
-/// the log): it is an operator's matter, not a bug.
-pub(crate) fn map_sqlx(error: sqlx::Error) -> crate::domain::Error {
-    use crate::domain::{Error, Missing};
-    match error {
-        sqlx::Error::RowNotFound => Error::NotFound(Missing::Record),
-        sqlx::Error::Database(db) if db.is_unique_violation() => Error::Conflict,
-        sqlx::Error::Database(db) if db.is_foreign_key_violation() => {
-            Error::NotFound(Missing::Record)
-        }
-        sqlx::Error::Database(db) if database_unavailable(db.as_ref()) => {
-            Error::Unavailable(db.to_string())
-        }
-        // A connection the pool opens on demand fails with these too: the configuration names
-        // a TLS or authentication mode the server refuses, or the worker thread of a SQLite
-        // connection died.
-        sqlx::Error::PoolTimedOut
-        | sqlx::Error::PoolClosed
-        | sqlx::Error::Io(_)
-        | sqlx::Error::Tls(_)
-        | sqlx::Error::Protocol(_)
-        | sqlx::Error::Configuration(_)
-        | sqlx::Error::WorkerCrashed => Error::Unavailable(error.to_string()),
-        other => Error::Internal(other.to_string()),
-    }
-}
-
-/// Whether a database error means the database cannot serve now, rather than a bad statement.
-/// The pool opens connections on demand, so connect-time refusals arrive here as they are.
-fn database_unavailable(db: &dyn sqlx::error::DatabaseError) -> bool {
-    if let Some(pg) = db.try_downcast_ref::<sqlx::postgres::PgDatabaseError>() {
-        let code = pg.code();
-        // 08: connection exceptions. 53: insufficient resources (53300 too many connections,
-        // 53100 disk full). 55000: the database is not accepting connections (`ALLOW_CONNECTIONS
-        // false`; this store never uses the other causes of 55000). 57P0x: shutdown, crash,
-        // starting up, database dropped. 3D000: no such database. 28: authentication failed.
-        return code.starts_with("08")
-            || code.starts_with("53")
-            || code == "55000"
-            || code.starts_with("57P0")
-            || code == "3D000"
-            || code.starts_with("28");
-    }
-    if db.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some() {
-        // Primary result codes (the low byte of an extended one): BUSY and LOCKED once the
-        // busy timeout has run out, IOERR, FULL (disk full), CANTOPEN.
-        let primary = db
-            .code()
-            .and_then(|c| c.parse::<i32>().ok())
-            .map(|c| c & 0xff);
-        return matches!(primary, Some(5 | 6 | 10 | 13 | 14));
-    }
-    false
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::domain::Error;
-
-    #[tokio::test]
-    async fn sqlite_refusals_are_unavailable_and_bugs_are_internal() {
-        let dir = tempfile::tempdir().unwrap();
-        let url = format!("sqlite://{}", dir.path().join("db").display());
-        let options: sqlx::sqlite::SqliteConnectOptions = url.parse().unwrap();
-        let mut conn = <sqlx::SqliteConnection as sqlx::Connection>::connect_with(
-            &options.create_if_missing(true),
-        )
-        .await
-        .unwrap();
-        let syntax = sqlx::query("SELEC 1").execute(&mut conn).await;
-        assert!(matches!(syntax.map_err(map_sqlx), Err(Error::Internal(_))));
-        // A second connection that wants the write lock another holds, with no busy timeout.
-        let mut other = <sqlx::SqliteConnection as sqlx::Connection>::connect(&url)
-            .await
-            .unwrap();
-        sqlx::query("BEGIN IMMEDIATE")
-            .execute(&mut conn)
-            .await
-            .unwrap();
-        sqlx::query("PRAGMA busy_timeout = 0")
-            .execute(&mut other)
-            .await
-            .unwrap();
-        let busy = sqlx::query("BEGIN IMMEDIATE").execute(&mut other).await;
-        assert!(
-            matches!(busy.map_err(map_sqlx), Err(Error::Unavailable(_))),
-            "SQLITE_BUSY"
-        );
-    }
-
-    #[test]
-    fn pool_and_connection_failures_are_unavailable() {
-        for error in [
-            sqlx::Error::PoolTimedOut,
-            sqlx::Error::PoolClosed,
-            sqlx::Error::WorkerCrashed,
-            sqlx::Error::Io(std::io::ErrorKind::ConnectionRefused.into()),
-            sqlx::Error::Configuration("server does not support TLS".into()),
-        ] {
-            assert!(matches!(map_sqlx(error), Error::Unavailable(_)));
-        }
-        assert!(matches!(
-            map_sqlx(sqlx::Error::ColumnNotFound("x".into())),
-            Error::Internal(_)
-        ));
     }
 }

@@ -7,14 +7,13 @@ use sqlx::{PgPool, Postgres, Transaction};
 
 use super::sql::*;
 use super::{
-    MemberRemoved, NewAgentToken, NewPersonalToken, NewProject, NewUrlConfiguration, NewUser,
-    ProjectTaken, Sealer, TokenCreated, map_sqlx,
+    AgentDeleted, Error, MemberRemoved, NewAgentToken, NewPersonalToken, NewProject,
+    NewUrlConfiguration, NewUser, ProjectTaken, Result, Sealer, TokenCreated,
 };
 use crate::crypto::TokenDigest;
 use crate::domain::{
-    AccessLevel, Agent, AgentToken, Error, Id, Member, Missing, PageRequest, Paged,
-    PersonalAccessToken, Project, Result, SealedSecret, Timestamp, TokenStatus, UrlConfiguration,
-    User, format_date,
+    AccessLevel, Agent, AgentToken, Id, Member, PageRequest, Paged, PersonalAccessToken, Project,
+    SealedSecret, Timestamp, TokenStatus, UrlConfiguration, User, format_date,
 };
 
 /// The PostgreSQL store.
@@ -39,7 +38,7 @@ impl PgStore {
 
     /// Starts a transaction (READ COMMITTED); write paths lock the rows they depend on.
     async fn begin_write(&self) -> Result<Transaction<'static, Postgres>> {
-        self.pool.begin().await.map_err(map_sqlx)
+        Ok(self.pool.begin().await?)
     }
 
     fn lease_store(&self) -> Option<std::sync::Arc<dyn super::leases::LeaseStore>> {
@@ -58,8 +57,8 @@ impl PgStore {
         // Takes an advisory lock, so replicas starting together migrate once.
         sqlx::migrate!("./migrations/postgres")
             .run(&self.pool)
-            .await
-            .map_err(|e| Error::Internal(format!("migration failed: {e}")))
+            .await?;
+        Ok(())
     }
 }
 

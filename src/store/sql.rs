@@ -4,10 +4,11 @@
 //! both accept; `sql_store!` instantiates the one implementation of [`super::Store`] for
 //! each backend's pool type. Timestamps are stored as milliseconds since the epoch.
 
+use super::{Error, Result};
 use crate::crypto::TokenDigest;
 use crate::domain::{
-    AccessLevel, Agent, AgentToken, Error, Member, Namespace, PersonalAccessToken, Project, Result,
-    Scope, SealedSecret, SecretColumn, Timestamp, TokenStatus, UrlConfiguration, User, parse_date,
+    AccessLevel, Agent, AgentToken, Member, Namespace, PersonalAccessToken, Project, Scope,
+    SealedSecret, SecretColumn, Timestamp, TokenStatus, UrlConfiguration, User, parse_date,
 };
 
 /// Columns of a user, aliased so that a user can be joined to anything.
@@ -189,7 +190,7 @@ impl TryFrom<MemberRow> for Member {
 
     fn try_from(row: MemberRow) -> Result<Self> {
         let access_level = AccessLevel::from_value(row.access_level).ok_or_else(|| {
-            Error::Internal(format!(
+            Error::other(format!(
                 "stored access level {} is unknown",
                 row.access_level
             ))
@@ -245,7 +246,7 @@ impl TryFrom<TokenRow> for AgentToken {
 
     fn try_from(row: TokenRow) -> Result<Self> {
         let status = TokenStatus::parse(&row.status)
-            .ok_or_else(|| Error::Internal(format!("stored token status {:?}", row.status)))?;
+            .ok_or_else(|| Error::other(format!("stored token status {:?}", row.status)))?;
         Ok(AgentToken {
             id: row.id,
             agent_id: row.agent_id,
@@ -380,8 +381,7 @@ macro_rules! sql_store {
             async fn ping(&self) -> Result<()> {
                 sqlx::query("SELECT 1")
                     .execute(&self.pool)
-                    .await
-                    .map_err(map_sqlx)?;
+                    .await?;
                 Ok(())
             }
 
@@ -404,15 +404,13 @@ macro_rules! sql_store {
                     .bind(check)
                     .bind(now.as_millis())
                     .execute(&self.pool)
-                    .await
-                    .map_err(map_sqlx)?;
+                    .await?;
                     let value: String = sqlx::query_scalar(
                         "SELECT check_value FROM encryption_key_checks WHERE key_id = $1",
                     )
                     .bind(id)
                     .fetch_one(&self.pool)
-                    .await
-                    .map_err(map_sqlx)?;
+                    .await?;
                     stored.push((id.clone(), value));
                 }
                 Ok(stored)
@@ -426,8 +424,7 @@ macro_rules! sql_store {
                 let mut tx = self.begin_write().await?;
                 let users: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM users")
                     .fetch_one(&mut *tx)
-                    .await
-                    .map_err(map_sqlx)?;
+                    .await?;
                 if users > 0 {
                     return Ok(false);
                 }
@@ -452,13 +449,13 @@ macro_rules! sql_store {
                     Ok::<_, sqlx::Error>(())
                 }
                 .await
-                .map_err(map_sqlx);
+                .map_err(Error::from);
                 match inserted {
                     // Another replica bootstrapped at the same moment.
-                    Err(Error::Conflict) => Ok(false),
+                    Err(Error::Conflict(_)) => Ok(false),
                     Err(other) => Err(other),
                     Ok(()) => {
-                        tx.commit().await.map_err(map_sqlx)?;
+                        tx.commit().await?;
                         Ok(true)
                     }
                 }
@@ -472,8 +469,7 @@ macro_rules! sql_store {
                     .bind(user.is_admin)
                     .bind(user.created_at.as_millis())
                     .fetch_one(&self.pool)
-                    .await
-                    .map_err(map_sqlx)?;
+                    .await?;
                 Ok(User {
                     id,
                     username: user.username,
@@ -493,8 +489,7 @@ macro_rules! sql_store {
                 ))
                 .bind(id)
                 .fetch_optional(&self.pool)
-                .await
-                .map_err(map_sqlx)?;
+                .await?;
                 Ok(row.map(User::from))
             }
 
@@ -506,8 +501,7 @@ macro_rules! sql_store {
                 ))
                 .bind(username)
                 .fetch_optional(&self.pool)
-                .await
-                .map_err(map_sqlx)?;
+                .await?;
                 Ok(row.map(User::from))
             }
 
@@ -520,7 +514,7 @@ macro_rules! sql_store {
                 .bind(email)
                 .fetch_one(&self.pool)
                 .await
-                .map_err(map_sqlx)
+                .map_err(Error::from)
             }
 
             async fn create_personal_token(
@@ -536,8 +530,7 @@ macro_rules! sql_store {
                     .bind(token.expires_at.map(format_date))
                     .bind(token.created_at.as_millis())
                     .fetch_one(&self.pool)
-                    .await
-                    .map_err(map_sqlx)?;
+                    .await?;
                 Ok(PersonalAccessToken {
                     id,
                     user_id,
@@ -564,8 +557,7 @@ macro_rules! sql_store {
                 ))
                 .bind(digest_bytes(digest))
                 .fetch_optional(&self.pool)
-                .await
-                .map_err(map_sqlx)?;
+                .await?;
                 Ok(row.map(PersonalTokenRow::into_domain))
             }
 
@@ -574,8 +566,7 @@ macro_rules! sql_store {
                     .bind(token_id)
                     .bind(at.as_millis())
                     .execute(&self.pool)
-                    .await
-                    .map_err(map_sqlx)?;
+                    .await?;
                 Ok(())
             }
 
@@ -592,8 +583,7 @@ macro_rules! sql_store {
                 .bind(&project.name)
                 .bind(&project.path)
                 .fetch_one(&mut *tx)
-                .await
-                .map_err(map_sqlx)?;
+                .await?;
                 if name || path {
                     return Ok(Err(ProjectTaken { name, path }));
                 }
@@ -630,13 +620,13 @@ macro_rules! sql_store {
                     .await
                 }
                 .await
-                .map_err(map_sqlx);
+                .map_err(Error::from);
                 match inserted {
                     // A concurrent create took the path between the check and the insert.
-                    Err(Error::Conflict) => Ok(Err(ProjectTaken { name: false, path: true })),
+                    Err(Error::Conflict(_)) => Ok(Err(ProjectTaken { name: false, path: true })),
                     Err(other) => Err(other),
                     Ok(row) => {
-                        tx.commit().await.map_err(map_sqlx)?;
+                        tx.commit().await?;
                         Ok(Ok(row.into()))
                     }
                 }
@@ -651,8 +641,7 @@ macro_rules! sql_store {
                 ))
                 .bind(id)
                 .fetch_optional(&self.pool)
-                .await
-                .map_err(map_sqlx)?;
+                .await?;
                 Ok(row.map(Project::from))
             }
 
@@ -666,8 +655,7 @@ macro_rules! sql_store {
                 .bind(namespace)
                 .bind(path)
                 .fetch_optional(&self.pool)
-                .await
-                .map_err(map_sqlx)?;
+                .await?;
                 Ok(row.map(Project::from))
             }
 
@@ -687,12 +675,10 @@ macro_rules! sql_store {
                         .bind(page.per_page)
                         .bind(page.offset())
                         .fetch_all(&self.pool)
-                        .await
-                        .map_err(map_sqlx)?,
+                        .await?,
                         sqlx::query_scalar("SELECT COUNT(*) FROM projects")
                             .fetch_one(&self.pool)
-                            .await
-                            .map_err(map_sqlx)?,
+                            .await?,
                     ),
                     Some(user_id) => (
                         sqlx::query_as(concat!(
@@ -706,13 +692,11 @@ macro_rules! sql_store {
                         .bind(page.per_page)
                         .bind(page.offset())
                         .fetch_all(&self.pool)
-                        .await
-                        .map_err(map_sqlx)?,
+                        .await?,
                         sqlx::query_scalar("SELECT COUNT(*) FROM project_members WHERE user_id = $1")
                             .bind(user_id)
                             .fetch_one(&self.pool)
-                            .await
-                            .map_err(map_sqlx)?,
+                            .await?,
                     ),
                 };
                 Ok(Paged {
@@ -732,8 +716,7 @@ macro_rules! sql_store {
                 .bind(project_id)
                 .bind(user_id)
                 .fetch_optional(&self.pool)
-                .await
-                .map_err(map_sqlx)?;
+                .await?;
                 Ok(level.and_then(AccessLevel::from_value))
             }
 
@@ -743,7 +726,7 @@ macro_rules! sql_store {
                 user_id: Id,
                 level: AccessLevel,
                 at: Timestamp,
-            ) -> Result<Member> {
+            ) -> Result<Option<Member>> {
                 sqlx::query(
                     "INSERT INTO project_members (project_id, user_id, access_level, created_at) \
                      VALUES ($1, $2, $3, $4)",
@@ -753,11 +736,8 @@ macro_rules! sql_store {
                 .bind(level.value())
                 .bind(at.as_millis())
                 .execute(&self.pool)
-                .await
-                .map_err(map_sqlx)?;
-                self.member(project_id, user_id)
-                    .await?
-                    .ok_or(Error::NotFound(Missing::Member))
+                .await?;
+                self.member(project_id, user_id).await
             }
 
             async fn member(&self, project_id: Id, user_id: Id) -> Result<Option<Member>> {
@@ -768,8 +748,7 @@ macro_rules! sql_store {
                 .bind(project_id)
                 .bind(user_id)
                 .fetch_optional(&self.pool)
-                .await
-                .map_err(map_sqlx)?;
+                .await?;
                 row.map(Member::try_from).transpose()
             }
 
@@ -782,14 +761,12 @@ macro_rules! sql_store {
                 .bind(page.per_page)
                 .bind(page.offset())
                 .fetch_all(&self.pool)
-                .await
-                .map_err(map_sqlx)?;
+                .await?;
                 let total: i64 =
                     sqlx::query_scalar("SELECT COUNT(*) FROM project_members WHERE project_id = $1")
                         .bind(project_id)
                         .fetch_one(&self.pool)
-                        .await
-                        .map_err(map_sqlx)?;
+                        .await?;
                 Ok(Paged {
                     items: rows.into_iter().map(Member::try_from).collect::<Result<_>>()?,
                     total,
@@ -802,16 +779,14 @@ macro_rules! sql_store {
                 sqlx::query("UPDATE projects SET updated_at = updated_at WHERE id = $1")
                     .bind(project_id)
                     .execute(&mut *tx)
-                    .await
-                    .map_err(map_sqlx)?;
+                    .await?;
                 let level: Option<i64> = sqlx::query_scalar(
                     "SELECT access_level FROM project_members WHERE project_id = $1 AND user_id = $2",
                 )
                 .bind(project_id)
                 .bind(user_id)
                 .fetch_optional(&mut *tx)
-                .await
-                .map_err(map_sqlx)?;
+                .await?;
                 let Some(level) = level else {
                     return Ok(MemberRemoved::NotMember);
                 };
@@ -822,8 +797,7 @@ macro_rules! sql_store {
                     .bind(project_id)
                     .bind(AccessLevel::Owner.value())
                     .fetch_one(&mut *tx)
-                    .await
-                    .map_err(map_sqlx)?;
+                    .await?;
                     if owners <= 1 {
                         return Ok(MemberRemoved::LastOwner);
                     }
@@ -832,9 +806,8 @@ macro_rules! sql_store {
                     .bind(project_id)
                     .bind(user_id)
                     .execute(&mut *tx)
-                    .await
-                    .map_err(map_sqlx)?;
-                tx.commit().await.map_err(map_sqlx)?;
+                    .await?;
+                tx.commit().await?;
                 Ok(MemberRemoved::Removed)
             }
 
@@ -854,11 +827,10 @@ macro_rules! sql_store {
                 .bind(created_by)
                 .bind(at.as_millis())
                 .fetch_one(&self.pool)
-                .await
-                .map_err(map_sqlx)?;
+                .await?;
                 self.agent(project_id, id)
                     .await?
-                    .ok_or(Error::NotFound(Missing::Record))
+                    .ok_or(Error::NotFound)
             }
 
             async fn list_agents(&self, project_id: Id, page: PageRequest) -> Result<Paged<Agent>> {
@@ -870,14 +842,12 @@ macro_rules! sql_store {
                 .bind(page.per_page)
                 .bind(page.offset())
                 .fetch_all(&self.pool)
-                .await
-                .map_err(map_sqlx)?;
+                .await?;
                 let total: i64 =
                     sqlx::query_scalar("SELECT COUNT(*) FROM cluster_agents WHERE project_id = $1")
                         .bind(project_id)
                         .fetch_one(&self.pool)
-                        .await
-                        .map_err(map_sqlx)?;
+                        .await?;
                 Ok(Paged {
                     items: rows.into_iter().map(Agent::from).collect(),
                     total,
@@ -892,8 +862,7 @@ macro_rules! sql_store {
                 .bind(project_id)
                 .bind(agent_id)
                 .fetch_optional(&self.pool)
-                .await
-                .map_err(map_sqlx)?;
+                .await?;
                 Ok(row.map(Agent::from))
             }
 
@@ -902,7 +871,7 @@ macro_rules! sql_store {
                 project_id: Id,
                 agent_id: Id,
                 unmodified_since: Option<Timestamp>,
-            ) -> Result<()> {
+            ) -> Result<AgentDeleted> {
                 let mut tx = self.begin_write().await?;
                 let updated_at: Option<i64> = sqlx::query_scalar(
                     "SELECT updated_at FROM cluster_agents WHERE project_id = $1 AND id = $2",
@@ -910,23 +879,22 @@ macro_rules! sql_store {
                 .bind(project_id)
                 .bind(agent_id)
                 .fetch_optional(&mut *tx)
-                .await
-                .map_err(map_sqlx)?;
+                .await?;
                 let Some(updated_at) = updated_at else {
-                    return Err(Error::NotFound(Missing::Record));
+                    return Err(Error::NotFound);
                 };
                 // HTTP dates have whole seconds: compare at that precision.
                 if let Some(since) = unmodified_since
                     && Timestamp::from_millis(updated_at).as_secs() > since.as_secs()
                 {
-                    return Err(Error::PreconditionFailed);
+                    return Ok(AgentDeleted::Modified);
                 }
                 sqlx::query("DELETE FROM cluster_agents WHERE id = $1")
                     .bind(agent_id)
                     .execute(&mut *tx)
-                    .await
-                    .map_err(map_sqlx)?;
-                tx.commit().await.map_err(map_sqlx)
+                    .await?;
+                tx.commit().await?;
+                Ok(AgentDeleted::Deleted)
             }
 
             async fn create_agent_token(
@@ -943,18 +911,16 @@ macro_rules! sql_store {
                 )
                 .bind(agent_id)
                 .execute(&mut *tx)
-                .await
-                .map_err(map_sqlx)?;
+                .await?;
                 if locked.rows_affected() == 0 {
-                    return Err(Error::NotFound(Missing::Record));
+                    return Err(Error::NotFound);
                 }
                 let active: i64 = sqlx::query_scalar(
                     "SELECT COUNT(*) FROM cluster_agent_tokens WHERE agent_id = $1 AND status = 'active'",
                 )
                 .bind(agent_id)
                 .fetch_one(&mut *tx)
-                .await
-                .map_err(map_sqlx)?;
+                .await?;
                 if active >= limit {
                     return Ok(TokenCreated::LimitReached);
                 }
@@ -970,9 +936,8 @@ macro_rules! sql_store {
                 .bind(token.created_by_user_id)
                 .bind(token.created_at.as_millis())
                 .fetch_one(&mut *tx)
-                .await
-                .map_err(map_sqlx)?;
-                tx.commit().await.map_err(map_sqlx)?;
+                .await?;
+                tx.commit().await?;
                 Ok(TokenCreated::Created(AgentToken {
                     id,
                     agent_id,
@@ -999,15 +964,13 @@ macro_rules! sql_store {
                 .bind(page.per_page)
                 .bind(page.offset())
                 .fetch_all(&self.pool)
-                .await
-                .map_err(map_sqlx)?;
+                .await?;
                 let total: i64 = sqlx::query_scalar(
                     "SELECT COUNT(*) FROM cluster_agent_tokens WHERE agent_id = $1 AND status = 'active'",
                 )
                 .bind(agent_id)
                 .fetch_one(&self.pool)
-                .await
-                .map_err(map_sqlx)?;
+                .await?;
                 Ok(Paged {
                     items: rows
                         .into_iter()
@@ -1025,8 +988,7 @@ macro_rules! sql_store {
                 .bind(agent_id)
                 .bind(token_id)
                 .fetch_optional(&self.pool)
-                .await
-                .map_err(map_sqlx)?;
+                .await?;
                 row.map(AgentToken::try_from).transpose()
             }
 
@@ -1050,16 +1012,14 @@ macro_rules! sql_store {
                 .bind(config.created_by_user_id)
                 .bind(config.created_at.as_millis())
                 .fetch_one(&mut *tx)
-                .await
-                .map_err(map_sqlx)?;
-                let envelope = seal(id)?;
+                .await?;
+                let envelope = seal(id).map_err(Error::other)?;
                 sqlx::query(store_sealed_sql(config.secret_column))
                     .bind(envelope)
                     .bind(id)
                     .execute(&mut *tx)
-                    .await
-                    .map_err(map_sqlx)?;
-                tx.commit().await.map_err(map_sqlx)?;
+                    .await?;
+                tx.commit().await?;
                 Ok(UrlConfiguration {
                     id,
                     agent_id: config.agent_id,
@@ -1081,8 +1041,7 @@ macro_rules! sql_store {
                 ))
                 .bind(agent_id)
                 .fetch_all(&self.pool)
-                .await
-                .map_err(map_sqlx)?;
+                .await?;
                 Ok(rows.into_iter().map(UrlConfiguration::from).collect())
             }
 
@@ -1098,8 +1057,7 @@ macro_rules! sql_store {
                 .bind(agent_id)
                 .bind(id)
                 .fetch_optional(&self.pool)
-                .await
-                .map_err(map_sqlx)?;
+                .await?;
                 Ok(row.map(UrlConfiguration::from))
             }
 
@@ -1110,8 +1068,7 @@ macro_rules! sql_store {
                 .bind(agent_id)
                 .bind(id)
                 .execute(&self.pool)
-                .await
-                .map_err(map_sqlx)?;
+                .await?;
                 Ok(done.rows_affected() > 0)
             }
 
@@ -1121,8 +1078,7 @@ macro_rules! sql_store {
                 )
                 .bind(id)
                 .fetch_optional(&self.pool)
-                .await
-                .map_err(map_sqlx)?;
+                .await?;
                 Ok(row.and_then(|row| row.into_secrets().next()))
             }
 
@@ -1131,8 +1087,7 @@ macro_rules! sql_store {
                     sqlx::query_as(concat!(agent_select!(), "WHERE a.id = $1"))
                         .bind(agent_id)
                         .fetch_optional(&self.pool)
-                        .await
-                        .map_err(map_sqlx)?;
+                        .await?;
                 Ok(row.map(Agent::from))
             }
 
@@ -1141,8 +1096,7 @@ macro_rules! sql_store {
                     sqlx::query_as(concat!(url_configuration_select!(), "WHERE c.id = $1"))
                         .bind(id)
                         .fetch_optional(&self.pool)
-                        .await
-                        .map_err(map_sqlx)?;
+                        .await?;
                 Ok(row.map(UrlConfiguration::from))
             }
 
@@ -1163,8 +1117,7 @@ macro_rules! sql_store {
                 .bind(page.per_page)
                 .bind(page.offset())
                 .fetch_all(&self.pool)
-                .await
-                .map_err(map_sqlx)?;
+                .await?;
                 let total: i64 = sqlx::query_scalar(
                     "SELECT COUNT(*) FROM agent_url_configurations c \
                      JOIN cluster_agents a ON a.id = c.agent_id \
@@ -1174,8 +1127,7 @@ macro_rules! sql_store {
                 .bind(project_id)
                 .bind(agent_id)
                 .fetch_one(&self.pool)
-                .await
-                .map_err(map_sqlx)?;
+                .await?;
                 Ok(Paged {
                     items: rows.into_iter().map(UrlConfiguration::from).collect(),
                     total,
@@ -1186,8 +1138,7 @@ macro_rules! sql_store {
                 let rows: Vec<UrlConfigurationRow> =
                     sqlx::query_as(concat!(url_configuration_select!(), "ORDER BY c.id"))
                         .fetch_all(&self.pool)
-                        .await
-                        .map_err(map_sqlx)?;
+                        .await?;
                 Ok(rows.into_iter().map(UrlConfiguration::from).collect())
             }
 
@@ -1199,8 +1150,7 @@ macro_rules! sql_store {
                     sqlx::query_as(concat!(token_select!(), "WHERE token_digest = $1"))
                         .bind(digest_bytes(digest))
                         .fetch_optional(&self.pool)
-                        .await
-                        .map_err(map_sqlx)?;
+                        .await?;
                 row.map(AgentToken::try_from).transpose()
             }
 
@@ -1213,8 +1163,7 @@ macro_rules! sql_store {
                 .bind(at.as_millis())
                 .bind(at.as_millis() - 60_000)
                 .execute(&self.pool)
-                .await
-                .map_err(map_sqlx)?;
+                .await?;
                 Ok(())
             }
 
@@ -1223,8 +1172,7 @@ macro_rules! sql_store {
                     "SELECT id, private_key, client_key FROM agent_url_configurations ORDER BY id",
                 )
                 .fetch_all(&self.pool)
-                .await
-                .map_err(map_sqlx)?;
+                .await?;
                 Ok(rows.into_iter().flat_map(SealedRow::into_secrets).collect())
             }
 
@@ -1234,8 +1182,7 @@ macro_rules! sql_store {
                     .bind(old.row)
                     .bind(&old.envelope)
                     .execute(&self.pool)
-                    .await
-                    .map_err(map_sqlx)?;
+                    .await?;
                 Ok(done.rows_affected() > 0)
             }
 
@@ -1246,8 +1193,7 @@ macro_rules! sql_store {
                 .bind(agent_id)
                 .bind(token_id)
                 .execute(&self.pool)
-                .await
-                .map_err(map_sqlx)?;
+                .await?;
                 Ok(done.rows_affected() > 0)
             }
         }

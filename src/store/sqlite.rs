@@ -8,14 +8,13 @@ use sqlx::{Sqlite, SqlitePool, Transaction};
 
 use super::sql::*;
 use super::{
-    MemberRemoved, NewAgentToken, NewPersonalToken, NewProject, NewUrlConfiguration, NewUser,
-    ProjectTaken, Sealer, TokenCreated, map_sqlx,
+    AgentDeleted, Error, MemberRemoved, NewAgentToken, NewPersonalToken, NewProject,
+    NewUrlConfiguration, NewUser, ProjectTaken, Result, Sealer, TokenCreated,
 };
 use crate::crypto::TokenDigest;
 use crate::domain::{
-    AccessLevel, Agent, AgentToken, Error, Id, Member, Missing, PageRequest, Paged,
-    PersonalAccessToken, Project, Result, SealedSecret, Timestamp, TokenStatus, UrlConfiguration,
-    User, format_date,
+    AccessLevel, Agent, AgentToken, Id, Member, PageRequest, Paged, PersonalAccessToken, Project,
+    SealedSecret, Timestamp, TokenStatus, UrlConfiguration, User, format_date,
 };
 
 /// The SQLite store.
@@ -49,10 +48,7 @@ impl SqliteStore {
     /// Starts a transaction that holds the write lock from its first statement, so that
     /// a read followed by a write never fails to upgrade.
     async fn begin_write(&self) -> Result<Transaction<'static, Sqlite>> {
-        self.pool
-            .begin_with("BEGIN IMMEDIATE")
-            .await
-            .map_err(map_sqlx)
+        Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?)
     }
 
     /// One gateway per SQLite database (its data directory is locked): it holds every agent.
@@ -68,8 +64,8 @@ impl SqliteStore {
     async fn run_migrations(&self) -> Result<()> {
         sqlx::migrate!("./migrations/sqlite")
             .run(&self.pool)
-            .await
-            .map_err(|e| Error::Internal(format!("migration failed: {e}")))
+            .await?;
+        Ok(())
     }
 }
 
