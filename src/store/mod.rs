@@ -58,6 +58,76 @@ pub struct NewPersonalToken {
     pub created_at: Timestamp,
 }
 
+/// Which personal access tokens to list.
+#[derive(Clone, Debug, Default)]
+pub struct TokenFilter {
+    /// One user's tokens; every user's when `None`.
+    pub user_id: Option<Id>,
+    /// Only revoked (`true`) or only not revoked (`false`) tokens.
+    pub revoked: Option<bool>,
+    /// Only active (`true`: not revoked, not expired) or only inactive (`false`) tokens.
+    pub active: Option<bool>,
+    /// Only tokens whose name holds this, ignoring case.
+    pub search: Option<String>,
+    /// Today, `YYYY-MM-DD` (UTC): a token expires at the start of its expiry date.
+    pub today: String,
+}
+
+/// The successor of a rotated token: the same name and scopes, a new secret and expiry.
+#[derive(Clone, Debug)]
+pub struct TokenSuccessor {
+    /// Digest of the new secret.
+    pub digest: TokenDigest,
+    /// Expiry date of the new token.
+    pub expires_at: Option<time::Date>,
+    /// Creation time.
+    pub created_at: Timestamp,
+}
+
+/// What rotating a token did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Rotation {
+    /// Revoked, and replaced by this token.
+    Rotated(PersonalAccessToken),
+    /// No such token.
+    Missing,
+    /// The token was already revoked: nothing changed.
+    AlreadyRevoked,
+}
+
+/// How to order a list of users.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum UserOrder {
+    /// By id.
+    #[default]
+    Id,
+    /// By display name.
+    Name,
+    /// By username.
+    Username,
+    /// By creation time.
+    CreatedAt,
+}
+
+/// Which users to list.
+#[derive(Clone, Debug, Default)]
+pub struct UserFilter {
+    /// Exactly this username, ignoring case.
+    pub username: Option<String>,
+    /// Username, name or e-mail address holding this, ignoring case.
+    pub search: Option<String>,
+    /// Only active users.
+    pub active: bool,
+    /// Only blocked users.
+    pub blocked: bool,
+    /// Only administrators.
+    pub admins: bool,
+    /// Order.
+    pub order: UserOrder,
+    /// Ascending rather than descending.
+    pub ascending: bool,
+}
+
 /// A project to create, in its creator's namespace.
 #[derive(Clone, Debug)]
 pub struct NewProject {
@@ -208,6 +278,20 @@ pub trait Store: Send + Sync + 'static {
 
     /// Records that a personal access token authenticated a request at `at`.
     async fn touch_personal_token(&self, token_id: Id, at: Timestamp) -> Result<()>;
+    /// Personal access tokens matching `filter`, by id.
+    async fn list_personal_tokens(
+        &self,
+        filter: &TokenFilter,
+        page: PageRequest,
+    ) -> Result<Paged<PersonalAccessToken>>;
+    /// A personal access token by id.
+    async fn personal_token_by_id(&self, id: Id) -> Result<Option<PersonalAccessToken>>;
+    /// Revokes a token (again, if it was); false when there is no such token.
+    async fn revoke_personal_token(&self, id: Id) -> Result<bool>;
+    /// Revokes token `id` and creates its successor, in one transaction.
+    async fn rotate_personal_token(&self, id: Id, successor: TokenSuccessor) -> Result<Rotation>;
+    /// Users matching `filter`.
+    async fn list_users(&self, filter: &UserFilter, page: PageRequest) -> Result<Paged<User>>;
 
     /// Creates a project and makes its creator Owner, unless the name or path is taken.
     async fn create_project(&self, project: NewProject) -> Result<Result<Project, ProjectTaken>>;

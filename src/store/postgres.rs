@@ -8,7 +8,8 @@ use sqlx::{PgPool, Postgres, Transaction};
 use super::sql::*;
 use super::{
     AgentDeleted, Error, MemberRemoved, NewAgentToken, NewPersonalToken, NewProject,
-    NewUrlConfiguration, NewUser, ProjectTaken, Result, Sealer, TokenCreated,
+    NewUrlConfiguration, NewUser, ProjectTaken, Result, Rotation, Sealer, TokenCreated,
+    TokenFilter, TokenSuccessor, UserFilter, UserOrder,
 };
 use crate::crypto::TokenDigest;
 use crate::domain::{

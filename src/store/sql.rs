@@ -144,7 +144,18 @@ pub(crate) fn encode_scopes(scopes: &[Scope]) -> String {
         .join(" ")
 }
 
-fn decode_scopes(stored: &str) -> Vec<Scope> {
+/// A `LIKE` pattern (with `\` as the escape) matching any text that holds `text`, ignoring
+/// case (the column is compared lower-cased).
+pub(crate) fn like_pattern(text: &str) -> String {
+    let escaped = text
+        .to_lowercase()
+        .replace('\\', "\\\\")
+        .replace('%', "\\%")
+        .replace('_', "\\_");
+    format!("%{escaped}%")
+}
+
+pub(crate) fn decode_scopes(stored: &str) -> Vec<Scope> {
     stored.split_whitespace().filter_map(Scope::parse).collect()
 }
 
@@ -568,6 +579,169 @@ macro_rules! sql_store {
                     .execute(&self.pool)
                     .await?;
                 Ok(())
+            }
+
+            async fn list_personal_tokens(
+                &self,
+                filter: &TokenFilter,
+                page: PageRequest,
+            ) -> Result<Paged<PersonalAccessToken>> {
+                // One statement for both backends: an absent filter is a NULL parameter.
+                const WHERE: &str = "WHERE ($1 IS NULL OR t.user_id = $1) \
+                     AND ($2 IS NULL OR t.revoked = $2) \
+                     AND ($3 IS NULL OR $3 = (NOT t.revoked \
+                          AND (t.expires_at IS NULL OR t.expires_at > $4))) \
+                     AND ($5 IS NULL OR lower(t.name) LIKE $5 ESCAPE '\\') ";
+                let search = filter.search.as_deref().map(like_pattern);
+                let rows: Vec<PersonalTokenRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                    "SELECT t.id AS pat_id, t.name AS pat_name, t.scopes AS pat_scopes, \
+                     t.expires_at AS pat_expires_at, t.revoked AS pat_revoked, \
+                     t.created_at AS pat_created_at, t.last_used_at AS pat_last_used_at, {} \
+                     FROM personal_access_tokens t JOIN users u ON u.id = t.user_id {WHERE} \
+                     ORDER BY t.id ASC LIMIT $6 OFFSET $7",
+                    user_columns!("u")
+                )))
+                .bind(filter.user_id)
+                .bind(filter.revoked)
+                .bind(filter.active)
+                .bind(&filter.today)
+                .bind(&search)
+                .bind(page.per_page)
+                .bind(page.offset())
+                .fetch_all(&self.pool)
+                .await?;
+                let total: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+                    "SELECT COUNT(*) FROM personal_access_tokens t {WHERE}"
+                )))
+                .bind(filter.user_id)
+                .bind(filter.revoked)
+                .bind(filter.active)
+                .bind(&filter.today)
+                .bind(&search)
+                .fetch_one(&self.pool)
+                .await?;
+                Ok(Paged {
+                    items: rows.into_iter().map(|r| r.into_domain().0).collect(),
+                    total,
+                })
+            }
+
+            async fn personal_token_by_id(&self, id: Id) -> Result<Option<PersonalAccessToken>> {
+                let row: Option<PersonalTokenRow> = sqlx::query_as(concat!(
+                    "SELECT t.id AS pat_id, t.name AS pat_name, t.scopes AS pat_scopes, \
+                     t.expires_at AS pat_expires_at, t.revoked AS pat_revoked, \
+                     t.created_at AS pat_created_at, t.last_used_at AS pat_last_used_at, ",
+                    user_columns!("u"),
+                    " FROM personal_access_tokens t JOIN users u ON u.id = t.user_id \
+                     WHERE t.id = $1"
+                ))
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await?;
+                Ok(row.map(|r| r.into_domain().0))
+            }
+
+            async fn revoke_personal_token(&self, id: Id) -> Result<bool> {
+                let done = sqlx::query("UPDATE personal_access_tokens SET revoked = TRUE WHERE id = $1")
+                    .bind(id)
+                    .execute(&self.pool)
+                    .await?;
+                Ok(done.rows_affected() == 1)
+            }
+
+            async fn rotate_personal_token(
+                &self,
+                id: Id,
+                successor: TokenSuccessor,
+            ) -> Result<Rotation> {
+                let mut tx = self.begin_write().await?;
+                // Revoking and reading in one statement: of two rotations at once, one wins.
+                let revoked: Option<(Id, String, String)> = sqlx::query_as(
+                    "UPDATE personal_access_tokens SET revoked = TRUE \
+                     WHERE id = $1 AND NOT revoked RETURNING user_id, name, scopes",
+                )
+                .bind(id)
+                .fetch_optional(&mut *tx)
+                .await?;
+                let Some((user_id, name, scopes)) = revoked else {
+                    let exists: Option<i64> =
+                        sqlx::query_scalar("SELECT id FROM personal_access_tokens WHERE id = $1")
+                            .bind(id)
+                            .fetch_optional(&mut *tx)
+                            .await?;
+                    return Ok(if exists.is_some() {
+                        Rotation::AlreadyRevoked
+                    } else {
+                        Rotation::Missing
+                    });
+                };
+                let new_id: i64 = sqlx::query_scalar(INSERT_PERSONAL_TOKEN)
+                    .bind(user_id)
+                    .bind(&name)
+                    .bind(digest_bytes(&successor.digest))
+                    .bind(&scopes)
+                    .bind(successor.expires_at.map(format_date))
+                    .bind(successor.created_at.as_millis())
+                    .fetch_one(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+                Ok(Rotation::Rotated(PersonalAccessToken {
+                    id: new_id,
+                    user_id,
+                    name,
+                    scopes: decode_scopes(&scopes),
+                    expires_at: successor.expires_at,
+                    revoked: false,
+                    created_at: successor.created_at,
+                    last_used_at: None,
+                }))
+            }
+
+            async fn list_users(&self, filter: &UserFilter, page: PageRequest) -> Result<Paged<User>> {
+                const WHERE: &str = "WHERE ($1 IS NULL OR lower(u.username) = lower($1)) \
+                     AND ($2 IS NULL OR lower(u.username) LIKE $2 ESCAPE '\\' \
+                          OR lower(u.name) LIKE $2 ESCAPE '\\' \
+                          OR lower(u.email) LIKE $2 ESCAPE '\\') \
+                     AND ($3 = FALSE OR u.state = 'active') \
+                     AND ($4 = FALSE OR u.state = 'blocked') \
+                     AND ($5 = FALSE OR u.is_admin) ";
+                // Whitelisted words only: the order is not a parameter.
+                let column = match filter.order {
+                    UserOrder::Id => "u.id",
+                    UserOrder::Name => "u.name",
+                    UserOrder::Username => "u.username",
+                    UserOrder::CreatedAt => "u.created_at",
+                };
+                let direction = if filter.ascending { "ASC" } else { "DESC" };
+                let search = filter.search.as_deref().map(like_pattern);
+                let rows: Vec<UserRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                    "SELECT {} FROM users u {WHERE} ORDER BY {column} {direction}, \
+                     u.id {direction} LIMIT $6 OFFSET $7",
+                    user_columns!("u")
+                )))
+                .bind(&filter.username)
+                .bind(&search)
+                .bind(filter.active)
+                .bind(filter.blocked)
+                .bind(filter.admins)
+                .bind(page.per_page)
+                .bind(page.offset())
+                .fetch_all(&self.pool)
+                .await?;
+                let total: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+                    "SELECT COUNT(*) FROM users u {WHERE}"
+                )))
+                .bind(&filter.username)
+                .bind(&search)
+                .bind(filter.active)
+                .bind(filter.blocked)
+                .bind(filter.admins)
+                .fetch_one(&self.pool)
+                .await?;
+                Ok(Paged {
+                    items: rows.into_iter().map(User::from).collect(),
+                    total,
+                })
             }
 
             async fn create_project(

@@ -9,7 +9,8 @@ use sqlx::{Sqlite, SqlitePool, Transaction};
 use super::sql::*;
 use super::{
     AgentDeleted, Error, MemberRemoved, NewAgentToken, NewPersonalToken, NewProject,
-    NewUrlConfiguration, NewUser, ProjectTaken, Result, Sealer, TokenCreated,
+    NewUrlConfiguration, NewUser, ProjectTaken, Result, Rotation, Sealer, TokenCreated,
+    TokenFilter, TokenSuccessor, UserFilter, UserOrder,
 };
 use crate::crypto::TokenDigest;
 use crate::domain::{
