@@ -1,5 +1,6 @@
 //! Compiles `proto/` with protox (no system protoc) and writes the descriptor set that gRPC
-//! reflection serves.
+//! reflection serves: the gateway's API only, not the agent session protocol, whose
+//! `ReceptiveAgent` service the gateway calls but does not serve.
 
 use std::path::PathBuf;
 
@@ -13,7 +14,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     ];
     let descriptors = protox::compile(files, ["proto"])?;
     let out = PathBuf::from(std::env::var("OUT_DIR")?);
-    std::fs::write(out.join("descriptors.bin"), descriptors.encode_to_vec())?;
+    let served = protox::compile(["proto/kas_gateway/v1/gateway.proto"], ["proto"])?;
+    std::fs::write(out.join("descriptors.bin"), served.encode_to_vec())?;
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)

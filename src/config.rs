@@ -48,6 +48,8 @@ pub struct Config {
     pub dialer: crate::dialer::DialerSettings,
     /// The shared secret GitLab signs gRPC calls with (the decoded 32 bytes).
     pub gitlab_secret: Option<zeroize::Zeroizing<Vec<u8>>>,
+    /// The `iss` GitLab's JWTs must carry; `None`: any non-empty one (GitLab sends its host name).
+    pub gitlab_issuer: Option<String>,
     /// A separate listener for gRPC only (gRPC is always served on `listen` too).
     pub grpc_listen: Option<SocketAddr>,
     /// TLS certificate and key files for the listeners (read again when they change).
@@ -107,6 +109,7 @@ impl std::fmt::Debug for Config {
                 "gitlab_secret",
                 &self.gitlab_secret.as_ref().map(|_| "[REDACTED]"),
             )
+            .field("gitlab_issuer", &self.gitlab_issuer)
             .field("grpc_listen", &self.grpc_listen)
             .field("tls", &self.tls)
             .field("limits", &self.limits)
@@ -145,6 +148,7 @@ impl Config {
             receptive_agents: true,
             dialer: crate::dialer::DialerSettings::default(),
             gitlab_secret: None,
+            gitlab_issuer: None,
             grpc_listen: None,
             tls: None,
             limits: crate::listener::Limits::default(),
@@ -188,6 +192,7 @@ const KNOWN_ENV: &[&str] = &[
     "KAS_GATEWAY_ENCRYPTION_KEYS_FILE",
     "KAS_GATEWAY_RECEPTIVE_AGENTS",
     "KAS_GATEWAY_GITLAB_SECRET_FILE",
+    "KAS_GATEWAY_GITLAB_ISSUER",
     "KAS_GATEWAY_GRPC_LISTEN",
     "KAS_GATEWAY_TLS_CERT_FILE",
     "KAS_GATEWAY_TLS_KEY_FILE",
@@ -274,6 +279,10 @@ pub struct ConfigArgs {
     /// GitLab's KAS secret file (base64 of 32 bytes): GitLab's gRPC calls are signed with it.
     #[arg(long, env = "KAS_GATEWAY_GITLAB_SECRET_FILE", global = true)]
     pub gitlab_secret_file: Option<PathBuf>,
+    /// The `iss` GitLab's JWTs must carry: its host name (GitLab's `gitlab.host`)
+    /// [default: any non-empty issuer].
+    #[arg(long, env = "KAS_GATEWAY_GITLAB_ISSUER", global = true)]
+    pub gitlab_issuer: Option<String>,
     /// A separate gRPC-only listener [default: none; gRPC shares the HTTP listener].
     #[arg(long, env = "KAS_GATEWAY_GRPC_LISTEN", global = true)]
     pub grpc_listen: Option<SocketAddr>,
@@ -363,6 +372,7 @@ struct FileConfig {
     encryption_keys_file: Option<PathBuf>,
     receptive_agents: Option<bool>,
     gitlab_secret_file: Option<PathBuf>,
+    gitlab_issuer: Option<String>,
     grpc_listen: Option<SocketAddr>,
     tls_cert_file: Option<PathBuf>,
     tls_key_file: Option<PathBuf>,
@@ -477,6 +487,12 @@ impl ConfigArgs {
                 .or(file.gitlab_secret_file)
                 .map(|path| read_gitlab_secret(&path))
                 .transpose()?,
+            gitlab_issuer: match self.gitlab_issuer.or(file.gitlab_issuer) {
+                Some(issuer) if issuer.is_empty() || issuer.chars().any(char::is_whitespace) => {
+                    bail!("the GitLab issuer must be a host name, such as gitlab.example.com")
+                }
+                issuer => issuer,
+            },
             grpc_listen: self.grpc_listen.or(file.grpc_listen),
             tls: match (
                 self.tls_cert_file.or(file.tls_cert_file),
@@ -774,6 +790,24 @@ mod tests {
     fn unknown_file_keys_are_refused() {
         let parsed = toml::from_str::<FileConfig>("listen = \"127.0.0.1:1\"\nlisten_port = 3\n");
         assert!(parsed.is_err());
+    }
+
+    #[test]
+    fn gitlab_issuer() {
+        let file =
+            toml::from_str::<FileConfig>("gitlab_issuer = \"gitlab.example.com\"\n").unwrap();
+        assert_eq!(file.gitlab_issuer.as_deref(), Some("gitlab.example.com"));
+        assert!(KNOWN_ENV.contains(&"KAS_GATEWAY_GITLAB_ISSUER"));
+        let resolve = |issuer: &str| {
+            ConfigArgs {
+                data_dir: Some("/nonexistent".into()),
+                gitlab_issuer: Some(issuer.into()),
+                ..ConfigArgs::default()
+            }
+            .resolve()
+        };
+        assert!(resolve("").is_err());
+        assert!(resolve("gitlab example").is_err());
     }
 
     #[test]

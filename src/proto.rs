@@ -29,7 +29,8 @@ pub mod private {
     }
 }
 
-/// The encoded descriptors of every `.proto`, for gRPC reflection.
+/// The encoded descriptors of the served API (not the agent session protocol), for gRPC
+/// reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/descriptors.bin"));
 
 /// The codec of every generated client and server: prost's, except that a message that does

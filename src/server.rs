@@ -324,6 +324,7 @@ pub async fn start(
         crate::grpc::Api::new(
             service.clone(),
             config.gitlab_secret.clone(),
+            config.gitlab_issuer.clone(),
             shutdown.clone(),
         ),
         requested.clone(),

@@ -156,7 +156,7 @@ async fn authentication(#[values(Backend::Sqlite)] backend: Backend) {
         assert_eq!(code, expected, "{name}");
     }
 
-    // Health answers without credentials; reflection lists the services.
+    // Health answers without credentials.
     let mut health = tonic_health::pb::health_client::HealthClient::new(channel(&gw).await);
     let serving = health
         .check(tonic_health::pb::HealthCheckRequest {
@@ -168,44 +168,155 @@ async fn authentication(#[values(Backend::Sqlite)] backend: Backend) {
         serving.get_ref().status(),
         tonic_health::pb::health_check_response::ServingStatus::Serving
     );
-    let mut reflection =
-        tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient::new(
-            channel(&gw).await,
-        );
-    let request = tonic_reflection::pb::v1::ServerReflectionRequest {
-        host: String::new(),
-        message_request: Some(
-            tonic_reflection::pb::v1::server_reflection_request::MessageRequest::ListServices(
-                String::new(),
-            ),
-        ),
+}
+
+/// What reflection lists: the services the gateway answers, and nothing it only calls.
+const SERVED: [&str; 6] = [
+    "grpc.health.v1.Health",
+    "grpc.reflection.v1.ServerReflection",
+    "grpc.reflection.v1alpha.ServerReflection",
+    "kas_gateway.v1.Agents",
+    "kas_gateway.v1.Sessions",
+    "kas_gateway.v1.UrlConfigurations",
+];
+
+#[rstest]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reflection_lists_what_is_served_in_both_versions(
+    #[values(Backend::Sqlite)] backend: Backend,
+) {
+    let Some(gw) = gateway(backend).await else {
+        return;
     };
-    let mut stream = reflection
-        .server_reflection_info(tokio_stream::iter([request]))
-        .await
-        .unwrap()
-        .into_inner();
-    let response = stream.next().await.unwrap().unwrap();
-    let Some(
-        tonic_reflection::pb::v1::server_reflection_response::MessageResponse::ListServicesResponse(
-            list,
-        ),
-    ) = response.message_response
-    else {
-        panic!("a list of services");
-    };
-    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
-    for expected in [
-        "kas_gateway.v1.UrlConfigurations",
-        "kas_gateway.v1.Agents",
-        "kas_gateway.v1.Sessions",
-        "grpc.health.v1.Health",
-    ] {
+    {
+        use tonic_reflection::pb::v1::ServerReflectionRequest;
+        use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+        use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+        use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+        let request = |message| ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(message),
+        };
+        let mut client = ServerReflectionClient::new(channel(&gw).await);
+        let mut stream = client
+            .server_reflection_info(tokio_stream::iter([
+                request(MessageRequest::ListServices(String::new())),
+                request(MessageRequest::FileContainingSymbol(
+                    "kas_gateway.v1.Sessions".into(),
+                )),
+                request(MessageRequest::FileContainingSymbol(
+                    "kas_gateway.agent.v1.ReceptiveAgent".into(),
+                )),
+            ]))
+            .await
+            .unwrap()
+            .into_inner();
+        let Some(MessageResponse::ListServicesResponse(list)) =
+            stream.next().await.unwrap().unwrap().message_response
+        else {
+            panic!("v1: a list of services");
+        };
+        let mut names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+        names.sort();
+        assert_eq!(names, SERVED, "v1");
+        let served = stream.next().await.unwrap().unwrap().message_response;
         assert!(
-            names.iter().any(|n| n == expected),
-            "{expected} in {names:?}"
+            matches!(served, Some(MessageResponse::FileDescriptorResponse(_))),
+            "v1 does not describe Sessions: {served:?}"
+        );
+        let unserved = stream.next().await.unwrap().unwrap_err();
+        assert_eq!(
+            unserved.code(),
+            Code::NotFound,
+            "v1 describes ReceptiveAgent"
         );
     }
+    {
+        use tonic_reflection::pb::v1alpha::ServerReflectionRequest;
+        use tonic_reflection::pb::v1alpha::server_reflection_client::ServerReflectionClient;
+        use tonic_reflection::pb::v1alpha::server_reflection_request::MessageRequest;
+        use tonic_reflection::pb::v1alpha::server_reflection_response::MessageResponse;
+        let mut client = ServerReflectionClient::new(channel(&gw).await);
+        let mut stream = client
+            .server_reflection_info(tokio_stream::iter([ServerReflectionRequest {
+                host: String::new(),
+                message_request: Some(MessageRequest::ListServices(String::new())),
+            }]))
+            .await
+            .unwrap()
+            .into_inner();
+        let Some(MessageResponse::ListServicesResponse(list)) =
+            stream.next().await.unwrap().unwrap().message_response
+        else {
+            panic!("v1alpha: a list of services");
+        };
+        let mut names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+        names.sort();
+        assert_eq!(names, SERVED, "v1alpha");
+    }
+}
+
+/// A call signed exactly as GitLab's KAS client signs it (`Gitlab::Kas::Client#metadata` and
+/// `JSONWebToken::HMACToken`): `authorization: bearer …`, header `{"typ":"JWT","alg":"HS256"}`,
+/// `iss` the host name, `jti`, `nbf` five seconds back, a minute's lifetime.
+fn as_gitlab_signs(issuer: &str) -> tonic::Request<pb::ListUrlConfigurationsRequest> {
+    let iat = START.as_secs();
+    let claims = json!({
+        "jti": "0b6f1c52-3f0e-4d55-8a53-7d1c9e2a4b10",
+        "aud": "gitlab-kas",
+        "iss": issuer,
+        "iat": iat,
+        "nbf": iat - 5,
+        "exp": iat + 60,
+    });
+    let token = jwt::sign_hs256(&SECRET, &claims);
+    let header = token.split('.').next().unwrap();
+    assert_eq!(header, "eyJ0eXAiOiJKV1QiLCJhbGciOiJIUzI1NiJ9");
+    let mut request = tonic::Request::new(pb::ListUrlConfigurationsRequest::default());
+    request
+        .metadata_mut()
+        .insert("authorization", format!("bearer {token}").parse().unwrap());
+    request
+}
+
+#[rstest]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_signed_as_gitlab_signs_them(#[values(Backend::Sqlite)] backend: Backend) {
+    // By default any host name is GitLab's.
+    let Some(gw) = gateway(backend).await else {
+        return;
+    };
+    let mut client = UrlConfigurationsClient::new(channel(&gw).await);
+    client
+        .list_url_configurations(as_gitlab_signs("gitlab.example.com"))
+        .await
+        .unwrap();
+    let refused = client
+        .list_url_configurations(as_gitlab_signs(""))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::Unauthenticated);
+    drop(gw);
+
+    // With KAS_GATEWAY_GITLAB_ISSUER, exactly that one.
+    let Some(gw) = Gateway::start_with(backend, |config| {
+        config.gitlab_secret = Some(zeroize::Zeroizing::new(SECRET.to_vec()));
+        config.gitlab_issuer = Some("gitlab.example.com".into());
+    })
+    .await
+    else {
+        return;
+    };
+    let mut client = UrlConfigurationsClient::new(channel(&gw).await);
+    client
+        .list_url_configurations(as_gitlab_signs("gitlab.example.com"))
+        .await
+        .unwrap();
+    let refused = client
+        .list_url_configurations(as_gitlab_signs("gitlab.example.org"))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::Unauthenticated);
 }
 
 #[rstest]

@@ -57,12 +57,12 @@ pub fn router(
             .metadata()
             .get("authorization")
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
+            .and_then(jwt::bearer)
             .ok_or_else(unauthenticated)?;
         jwt::verify_hs256(
             token,
             &secret,
-            ISSUER,
+            Some(ISSUER),
             AUDIENCE,
             clock.now(),
             MAX_TOKEN_LIFETIME_SECS,

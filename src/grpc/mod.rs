@@ -21,8 +21,6 @@ use crate::proto::v1::sessions_server::{Sessions, SessionsServer};
 use crate::proto::v1::url_configurations_server::{UrlConfigurations, UrlConfigurationsServer};
 use crate::respond::Respond;
 
-/// `iss` of a GitLab instance's JWTs.
-pub const GITLAB_ISSUER: &str = "gitlab";
 /// `aud` of a GitLab instance's JWTs.
 pub const GITLAB_AUDIENCE: &str = "gitlab-kas";
 /// A GitLab JWT may not live longer than this.
@@ -39,6 +37,7 @@ pub const MAX_PUBLIC_REQUEST_BYTES: usize = 4 * 1024;
 pub struct Api {
     service: Service,
     gitlab_secret: Option<Arc<Zeroizing<Vec<u8>>>>,
+    gitlab_issuer: Option<Arc<str>>,
     shutdown: tokio_util::sync::CancellationToken,
 }
 
@@ -49,6 +48,7 @@ impl std::fmt::Debug for Api {
                 "gitlab_secret",
                 &self.gitlab_secret.as_ref().map(|_| "[REDACTED]"),
             )
+            .field("gitlab_issuer", &self.gitlab_issuer)
             .finish_non_exhaustive()
     }
 }
@@ -64,16 +64,19 @@ fn status(error: Error) -> Status {
 }
 
 impl Api {
-    /// The API over `service`; GitLab's JWTs verify with `gitlab_secret` when given. Streams
-    /// end with `UNAVAILABLE` once `shutdown` is cancelled.
+    /// The API over `service`; GitLab's JWTs verify with `gitlab_secret` when given, with
+    /// `iss` exactly `gitlab_issuer` when given (otherwise any, as GitLab puts its host name
+    /// there). Streams end with `UNAVAILABLE` once `shutdown` is cancelled.
     pub fn new(
         service: Service,
         gitlab_secret: Option<Zeroizing<Vec<u8>>>,
+        gitlab_issuer: Option<String>,
         shutdown: tokio_util::sync::CancellationToken,
     ) -> Self {
         Self {
             service,
             gitlab_secret: gitlab_secret.map(Arc::new),
+            gitlab_issuer: gitlab_issuer.map(Arc::from),
             shutdown,
         }
     }
@@ -85,13 +88,13 @@ impl Api {
             let token = value
                 .to_str()
                 .ok()
-                .and_then(|v| v.strip_prefix("Bearer "))
+                .and_then(jwt::bearer)
                 .ok_or_else(unauthenticated)?;
             let secret = self.gitlab_secret.as_ref().ok_or_else(unauthenticated)?;
             return match jwt::verify_hs256(
                 token,
                 secret,
-                GITLAB_ISSUER,
+                self.gitlab_issuer.as_deref(),
                 GITLAB_AUDIENCE,
                 self.service.now(),
                 MAX_JWT_LIFETIME_SECS,
@@ -618,10 +621,18 @@ pub fn router(api: Api, shutdown: tokio_util::sync::CancellationToken) -> axum::
             }
         }
     });
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1();
+    // Both versions, each listing both: older grpcurl and grpcui and Python's reflection
+    // client ask v1alpha.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .include_reflection_service(false)
+            .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(
+                tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+            )
+    };
     let mut routes =
         tonic::service::Routes::new(health.max_decoding_message_size(MAX_PUBLIC_REQUEST_BYTES))
             .add_service(Authenticated {
@@ -639,8 +650,15 @@ pub fn router(api: Api, shutdown: tokio_util::sync::CancellationToken) -> axum::
                     .max_decoding_message_size(MAX_PUBLIC_REQUEST_BYTES),
                 api: api.clone(),
             });
-    if let Ok(reflection) = reflection {
-        routes = routes.add_service(reflection.max_decoding_message_size(MAX_PUBLIC_REQUEST_BYTES));
+    match (reflection().build_v1(), reflection().build_v1alpha()) {
+        (Ok(v1), Ok(v1alpha)) => {
+            routes = routes
+                .add_service(v1.max_decoding_message_size(MAX_PUBLIC_REQUEST_BYTES))
+                .add_service(v1alpha.max_decoding_message_size(MAX_PUBLIC_REQUEST_BYTES));
+        }
+        (Err(error), _) | (_, Err(error)) => {
+            tracing::error!(%error, "gRPC reflection is not served");
+        }
     }
     routes.prepare().into_axum_router()
 }

@@ -158,12 +158,23 @@ def b64url(data):
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
-def gitlab_jwt(secret_b64, audience="gitlab-kas", issuer="gitlab", lifetime=60):
-    """An HS256 JWT as GitLab signs its calls to KAS, keyed with the decoded secret."""
+def gitlab_jwt(secret_b64, audience="gitlab-kas", issuer="gitlab.example.com", lifetime=60):
+    """An HS256 JWT as GitLab signs its calls to KAS, keyed with the decoded secret.
+
+    As GitLab's JSONWebToken::HMACToken writes it: header {"typ":"JWT","alg":"HS256"}, then
+    jti (a UUID), aud, iss (GitLab's host name), iat, nbf five seconds back, exp a minute on.
+    """
     key = base64.b64decode(secret_b64)
     now = int(time.time())
-    header = {"alg": "HS256", "typ": "JWT"}
-    claims = {"iss": issuer, "aud": audience, "iat": now, "nbf": now - 5, "exp": now + lifetime}
+    header = {"typ": "JWT", "alg": "HS256"}
+    claims = {
+        "jti": str(uuid.uuid4()),
+        "aud": audience,
+        "iss": issuer,
+        "iat": now,
+        "nbf": now - 5,
+        "exp": now + lifetime,
+    }
     signing_input = (
         b64url(json.dumps(header, separators=(",", ":")).encode())
         + "."
@@ -251,15 +262,16 @@ def step_create_url_configuration():
 
 
 def step_gitlab_jwt():
-    """ListUrlConfigurations with GitLab's HS256 JWT; wrong audience: UNAUTHENTICATED"""
+    """ListUrlConfigurations signed as GitLab signs (bearer, host-name iss, jti); bad JWTs refused"""
     if not GITLAB_SECRET:
         raise Skipped("KAS_GATEWAY_GITLAB_SECRET is not set")
     aid = need("agent_id", 3)
     config_id = need("url_config_id", 3)
+    # Exactly GitLab's metadata: Gitlab::Kas::Client sends a lower-case `bearer`.
     jwt = gitlab_jwt(GITLAB_SECRET)
     resp = url_configs.ListUrlConfigurations(
         pb.ListUrlConfigurationsRequest(agent_id=aid),
-        metadata=(("authorization", f"Bearer {jwt}"),),
+        metadata=(("authorization", f"bearer {jwt}"),),
         timeout=TIMEOUT,
     )
     ids = [c.id for c in resp.url_configurations]
@@ -269,7 +281,8 @@ def step_gitlab_jwt():
 
     for what, bad in (
         ("wrong audience", gitlab_jwt(GITLAB_SECRET, audience="gitlab-agent")),
-        ("wrong issuer", gitlab_jwt(GITLAB_SECRET, issuer="someone")),
+        # No KAS_GATEWAY_GITLAB_ISSUER here: any host name is GitLab's, but one is needed.
+        ("empty issuer", gitlab_jwt(GITLAB_SECRET, issuer="")),
         ("exp too far ahead", gitlab_jwt(GITLAB_SECRET, lifetime=3600)),
         ("wrong secret", gitlab_jwt(base64.b64encode(os.urandom(32)).decode())),
     ):
