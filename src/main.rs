@@ -9,8 +9,8 @@ use tokio_util::sync::CancellationToken;
 use kas_gateway::clock::SystemClock;
 use kas_gateway::config::ConfigArgs;
 use kas_gateway::domain::{
-    AccessLevel, Caller, NewProjectInput, NewTokenInput, NewUserInput, ProjectRef, Scope, Service,
-    parse_date,
+    AccessLevel, Caller, NewProjectInput, NewTokenInput, NewUserInput, PageRequest, ProjectRef,
+    Scope, Service, TokenQuery, format_date, parse_date,
 };
 use kas_gateway::respond::Respond;
 use kas_gateway::{server, telemetry};
@@ -51,8 +51,20 @@ struct WithConfig {
 struct AdminArgs {
     #[command(flatten)]
     config: ConfigArgs,
+    /// What to print: sentences for people, or the REST API's JSON for scripts.
+    #[arg(long, value_enum, default_value = "text", global = true)]
+    output: Output,
     #[command(subcommand)]
     action: Admin,
+}
+
+/// The admin commands' output format.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum Output {
+    /// Sentences and tables.
+    Text,
+    /// The objects as the REST API renders them, one JSON document.
+    Json,
 }
 
 #[derive(clap::Args, Debug)]
@@ -119,7 +131,7 @@ enum Admin {
         /// Token name.
         #[arg(long)]
         name: String,
-        /// Scopes, comma-separated: api, read_api.
+        /// Scopes, comma-separated: api, read_api, sudo (administrators).
         #[arg(long, value_delimiter = ',', default_value = "api")]
         scopes: Vec<String>,
         /// Expiry date, YYYY-MM-DD.
@@ -152,6 +164,21 @@ enum Admin {
         /// guest, planner, reporter, developer, maintainer, owner, or the number.
         #[arg(long)]
         access_level: String,
+    },
+    /// Lists personal access tokens (never their secrets): every user's, or one user's.
+    ListTokens {
+        /// Only this user's tokens (username).
+        #[arg(long)]
+        user: Option<String>,
+        /// Revoked and expired tokens too.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Revokes a personal access token by id (see list-tokens).
+    RevokeToken {
+        /// The token's id.
+        #[arg(long)]
+        id: i64,
     },
     /// Re-encrypts every stored secret under the active key. With the generated key file,
     /// first adds a new key to it; with configured keys, put the new key first beforehand.
@@ -204,20 +231,45 @@ async fn main() -> anyhow::Result<()> {
             store.close().await;
             Ok(())
         }
-        Command::Admin(AdminArgs { config, action }) => {
+        Command::Admin(AdminArgs {
+            config,
+            output,
+            action,
+        }) => {
             let config = config.resolve()?;
             telemetry::init(&config.log_level, config.log_format)?;
             let (store, service) = server::open_service(&config, Arc::new(SystemClock)).await?;
             server::bootstrap(&service, &config).await?;
-            let outcome = run_admin(&service, action).await;
+            let external_url = config.external_url.clone().unwrap_or_else(|| {
+                let scheme = if config.tls.is_some() {
+                    "https"
+                } else {
+                    "http"
+                };
+                format!("{scheme}://{}", config.listen)
+            });
+            let outcome = run_admin(&service, action, output, &external_url).await;
             store.close().await;
             outcome
         }
     }
 }
 
-async fn run_admin(service: &Service, admin: Admin) -> anyhow::Result<()> {
+/// Prints `value` as one JSON document.
+fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+async fn run_admin(
+    service: &Service,
+    admin: Admin,
+    output: Output,
+    external_url: &str,
+) -> anyhow::Result<()> {
+    use kas_gateway::rest::repr::{MemberJson, PersonalTokenJson, ProjectJson, UserJson};
     let operator = Caller::operator();
+    let json = output == Output::Json;
     match admin {
         Admin::CreateUser {
             username,
@@ -237,7 +289,11 @@ async fn run_admin(service: &Service, admin: Admin) -> anyhow::Result<()> {
                 )
                 .await
                 .map_err(explain)?;
-            println!("created user {} (id {})", user.username, user.id);
+            if json {
+                print_json(&UserJson::new(&user, external_url))?;
+            } else {
+                println!("created user {} (id {})", user.username, user.id);
+            }
         }
         Admin::CreateToken {
             user,
@@ -253,7 +309,7 @@ async fn run_admin(service: &Service, admin: Admin) -> anyhow::Result<()> {
             let expires_at = expires_at
                 .map(|d| parse_date(&d).with_context(|| format!("{d:?} is not a YYYY-MM-DD date")))
                 .transpose()?;
-            let (_, secret) = service
+            let (token, secret) = service
                 .create_personal_token(
                     &operator,
                     user.id,
@@ -265,7 +321,12 @@ async fn run_admin(service: &Service, admin: Admin) -> anyhow::Result<()> {
                 )
                 .await
                 .map_err(explain)?;
-            println!("{}", secret.expose());
+            if json {
+                let active = token.is_active(service.now());
+                print_json(&PersonalTokenJson::new(&token, active, Some(&secret)))?;
+            } else {
+                println!("{}", secret.expose());
+            }
         }
         Admin::CreateProject {
             owner,
@@ -286,11 +347,15 @@ async fn run_admin(service: &Service, admin: Admin) -> anyhow::Result<()> {
                 )
                 .await
                 .map_err(explain)?;
-            println!(
-                "created project {} (id {})",
-                project.path_with_namespace(),
-                project.id
-            );
+            if json {
+                print_json(&ProjectJson::new(&project, external_url))?;
+            } else {
+                println!(
+                    "created project {} (id {})",
+                    project.path_with_namespace(),
+                    project.id
+                );
+            }
         }
         Admin::AddMember {
             project,
@@ -304,21 +369,120 @@ async fn run_admin(service: &Service, admin: Admin) -> anyhow::Result<()> {
                 .add_member(&operator, &ProjectRef::parse(&project), user.id, level)
                 .await
                 .map_err(explain)?;
-            println!(
-                "{} is now {} of {project}",
-                member.user.username,
-                member.access_level.name()
-            );
+            if json {
+                print_json(&MemberJson::new(&member, external_url))?;
+            } else {
+                println!(
+                    "{} is now {} of {project}",
+                    member.user.username,
+                    member.access_level.name()
+                );
+            }
+        }
+        Admin::ListTokens { user, all } => {
+            let user_id = match user {
+                Some(username) => Some(
+                    service
+                        .user_by_username(&username)
+                        .await
+                        .map_err(explain)?
+                        .id,
+                ),
+                None => None,
+            };
+            let mut tokens = Vec::new();
+            let mut page = 1;
+            loop {
+                let query = TokenQuery {
+                    user_id,
+                    active: (!all).then_some(true),
+                    ..TokenQuery::default()
+                };
+                let request = PageRequest {
+                    page,
+                    per_page: PageRequest::MAX_PER_PAGE,
+                };
+                let found = service
+                    .list_personal_tokens(&operator, query, request)
+                    .await
+                    .map_err(explain)?;
+                let done = found.items.len() < usize::try_from(request.per_page).unwrap_or(0);
+                tokens.extend(found.items);
+                if done {
+                    break;
+                }
+                page += 1;
+            }
+            let now = service.now();
+            if json {
+                let rendered: Vec<PersonalTokenJson> = tokens
+                    .iter()
+                    .map(|t| PersonalTokenJson::new(t, t.is_active(now), None))
+                    .collect();
+                print_json(&rendered)?;
+            } else {
+                println!(
+                    "{:>6}  {:>7}  {:<24}  {:<20}  {:<8}  {:<10}  last used",
+                    "id", "user id", "name", "scopes", "state", "expires"
+                );
+                for t in &tokens {
+                    let state = if t.revoked {
+                        "revoked"
+                    } else if t.is_expired(now) {
+                        "expired"
+                    } else {
+                        "active"
+                    };
+                    let scopes: Vec<&str> = t.scopes.iter().map(|s| s.as_str()).collect();
+                    println!(
+                        "{:>6}  {:>7}  {:<24}  {:<20}  {:<8}  {:<10}  {}",
+                        t.id,
+                        t.user_id,
+                        t.name.escape_debug().to_string(),
+                        scopes.join(","),
+                        state,
+                        t.expires_at
+                            .map(format_date)
+                            .unwrap_or_else(|| "never".into()),
+                        t.last_used_at
+                            .map(|at| at.to_iso8601())
+                            .unwrap_or_else(|| "never".into()),
+                    );
+                }
+            }
+        }
+        Admin::RevokeToken { id } => {
+            service
+                .revoke_personal_token(&operator, id)
+                .await
+                .map_err(explain)?;
+            if json {
+                print_json(&serde_json::json!({"id": id, "revoked": true}))?;
+            } else {
+                println!("revoked personal access token {id}");
+            }
         }
         Admin::RotateEncryptionKey => {
-            if let Some(id) = service.add_encryption_key()? {
+            let added = service.add_encryption_key()?;
+            if let Some(id) = &added
+                && !json
+            {
                 println!("added encryption key {id} to the key file; it is now the active key");
             }
             let (changed, current) = service.reencrypt_secrets().await.map_err(explain)?;
-            println!(
-                "re-encrypted {changed} secret(s) under key {}; {current} already were",
-                service.active_encryption_key()
-            );
+            if json {
+                print_json(&serde_json::json!({
+                    "added_key": added,
+                    "active_key": service.active_encryption_key(),
+                    "reencrypted": changed,
+                    "unchanged": current,
+                }))?;
+            } else {
+                println!(
+                    "re-encrypted {changed} secret(s) under key {}; {current} already were",
+                    service.active_encryption_key()
+                );
+            }
         }
     }
     Ok(())

@@ -34,19 +34,27 @@ impl Respond for Error {
             // text. Refusing these keeps NUL out of the store: PostgreSQL rejects it in text
             // columns and SQLite would keep it, so both backends now agree.
             Self::MalformedString => (StatusCode::BAD_REQUEST, json!("Bad Request")),
-            Self::Unauthorized => (
+            Self::Unauthorized | Self::NotYours => (
                 StatusCode::UNAUTHORIZED,
                 json!({"message": "401 Unauthorized"}),
             ),
-            Self::InsufficientScope => (
+            Self::InsufficientScope { scope } => (
                 StatusCode::FORBIDDEN,
                 json!({
                     "error": "insufficient_scope",
                     "error_description": "The request requires higher privileges than provided by the access token.",
-                    "scope": "api",
+                    "scope": scope,
                 }),
             ),
             Self::Forbidden => (StatusCode::FORBIDDEN, json!({"message": "403 Forbidden"})),
+            Self::ForbiddenBecause(reason) => (
+                StatusCode::FORBIDDEN,
+                json!({"message": format!("403 Forbidden - {reason}")}),
+            ),
+            Self::SudoUserNotFound(who) => (
+                StatusCode::NOT_FOUND,
+                json!({"message": format!("404 User with ID or username '{who}' Not Found")}),
+            ),
             Self::NotFound(missing) => {
                 let message = match missing {
                     Missing::Project => "404 Project Not Found",
@@ -126,11 +134,13 @@ impl Respond for Error {
     fn grpc(&self) -> (tonic::Code, String) {
         use tonic::Code;
         match self {
-            Self::Unauthorized => (Code::Unauthenticated, "unauthenticated".into()),
-            Self::InsufficientScope | Self::Forbidden => {
+            Self::Unauthorized | Self::NotYours => {
+                (Code::Unauthenticated, "unauthenticated".into())
+            }
+            Self::InsufficientScope { .. } | Self::Forbidden | Self::ForbiddenBecause(_) => {
                 (Code::PermissionDenied, "permission denied".into())
             }
-            Self::NotFound(_) => {
+            Self::NotFound(_) | Self::SudoUserNotFound(_) => {
                 let body = self.reply().body;
                 let message = body["message"].as_str().unwrap_or("404 Not Found");
                 (

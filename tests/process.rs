@@ -351,6 +351,44 @@ async fn the_admin_cli_sets_a_gateway_up() {
         agents[0]["config_project"]["name_with_namespace"],
         "Alice / Infra"
     );
+
+    // Tokens: listed (never their secrets) and revoked from the command line, with JSON
+    // output for scripts.
+    let carol: serde_json::Value = serde_json::from_str(&run(&[
+        "create-user",
+        "--username",
+        "carol",
+        "--name",
+        "Carol",
+        "--email",
+        "carol@example.com",
+        "--output",
+        "json",
+    ]))
+    .unwrap();
+    assert_eq!(carol["username"], "carol");
+    let listed: serde_json::Value =
+        serde_json::from_str(&run(&["list-tokens", "--user", "bob", "--output", "json"])).unwrap();
+    let bob_token = &listed.as_array().unwrap()[0];
+    assert_eq!(bob_token["scopes"], json!(["read_api"]));
+    assert!(bob_token.get("token").is_none());
+    assert!(!run(&["list-tokens", "--output", "json"]).contains("glpat-"));
+    let id = bob_token["id"].as_i64().unwrap().to_string();
+    let revoked: serde_json::Value =
+        serde_json::from_str(&run(&["revoke-token", "--id", &id, "--output", "json"])).unwrap();
+    assert_eq!(revoked, json!({"id": bob_token["id"], "revoked": true}));
+    let (status, _) = send(
+        reqwest::Method::GET,
+        &gateway.url("/api/v4/user"),
+        &bob,
+        None,
+    )
+    .await;
+    assert_eq!(status, 401, "a revoked token still works");
+    let table = run(&["list-tokens", "--user", "bob"]);
+    assert!(!table.contains("revoked"), "{table}");
+    let table = run(&["list-tokens", "--user", "bob", "--all"]);
+    assert!(table.contains("revoked"), "{table}");
 }
 
 #[test]

@@ -141,9 +141,22 @@ async fn personal_access_tokens(#[values(Backend::Sqlite, Backend::Postgres)] ba
     let form = common::read(form.send().await.unwrap()).await;
     assert_eq!(form.expect_status(201)["scopes"], json!(["read_api"]));
 
-    gw.post(ROOT_TOKEN, &path, json!({"name": "x", "scopes": ["sudo"]}))
-        .await
-        .expect(400, json!({"error": "scopes does not have a valid value"}));
+    gw.post(
+        ROOT_TOKEN,
+        &path,
+        json!({"name": "x", "scopes": ["not_a_scope"]}),
+    )
+    .await
+    .expect(400, json!({"error": "scopes does not have a valid value"}));
+    // `sudo` is a scope (of use to administrators' tokens only).
+    let sudo = gw
+        .post(
+            ROOT_TOKEN,
+            &path,
+            json!({"name": "s", "scopes": ["api", "sudo"]}),
+        )
+        .await;
+    assert_eq!(sudo.expect_status(201)["scopes"], json!(["api", "sudo"]));
     gw.post(ROOT_TOKEN, &path, json!({"name": "x"}))
         .await
         .expect(400, json!({"error": "scopes is missing"}));

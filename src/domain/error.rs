@@ -49,12 +49,26 @@ pub enum Error {
     /// Missing, unknown, revoked or expired credentials.
     #[error("unauthorized")]
     Unauthorized,
-    /// A `read_api` token tried to write.
+    /// The token lacks a scope the request needs (`api` to write, `sudo` to act as another
+    /// user); `scope` names what would do.
     #[error("insufficient scope")]
-    InsufficientScope,
+    InsufficientScope {
+        /// The scope(s) that would do, space-separated.
+        scope: &'static str,
+    },
     /// The caller's role is too low for the operation.
     #[error("forbidden")]
     Forbidden,
+    /// Refused, with GitLab's reason (`Must be admin to use sudo`).
+    #[error("forbidden: {0}")]
+    ForbiddenBecause(&'static str),
+    /// A personal access token that is not the caller's, or that does not exist, asked for
+    /// by someone who may not see other users' tokens: GitLab answers 401 then.
+    #[error("not the caller's token")]
+    NotYours,
+    /// Sudo names no user.
+    #[error("no user with id or username {0:?}")]
+    SudoUserNotFound(String),
     /// The thing asked for does not exist (or is not visible to the caller).
     #[error("not found: {0:?}")]
     NotFound(Missing),

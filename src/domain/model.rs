@@ -164,6 +164,8 @@ pub enum Scope {
     Api,
     /// Reads only (GET and HEAD).
     ReadApi,
+    /// Acting as another user (`Sudo`), for administrators' tokens.
+    Sudo,
 }
 
 impl Scope {
@@ -172,6 +174,7 @@ impl Scope {
         match self {
             Self::Api => "api",
             Self::ReadApi => "read_api",
+            Self::Sudo => "sudo",
         }
     }
 
@@ -180,6 +183,7 @@ impl Scope {
         match value {
             "api" => Some(Self::Api),
             "read_api" => Some(Self::ReadApi),
+            "sudo" => Some(Self::Sudo),
             _ => None,
         }
     }

@@ -18,8 +18,25 @@ use crate::crypto::keys::Secrets;
 use crate::crypto::{self, Secret, TokenDigest, x509};
 use crate::store::{
     AgentDeleted, Error as StoreError, MemberRemoved, NewAgentToken, NewPersonalToken, NewProject,
-    NewUrlConfiguration, NewUser, SharedStore, TokenCreated,
+    NewUrlConfiguration, NewUser, Rotation, SharedStore, TokenCreated, TokenFilter, TokenSuccessor,
+    UserFilter,
 };
+
+/// Which personal access tokens to list (`GET /personal_access_tokens`).
+#[derive(Clone, Debug, Default)]
+pub struct TokenQuery {
+    /// One user's tokens (administrators: anyone's; others: only their own).
+    pub user_id: Option<Id>,
+    /// Only revoked, or only not revoked, tokens.
+    pub revoked: Option<bool>,
+    /// `active` (true) or `inactive` (false).
+    pub active: Option<bool>,
+    /// Name holds this, ignoring case.
+    pub search: Option<String>,
+}
+
+/// A rotated token's new expiry when none is asked for: a week, as GitLab.
+const ROTATED_TOKEN_DAYS: i64 = 7;
 
 /// At most this many active tokens per agent.
 pub const AGENT_TOKEN_LIMIT: i64 = 2;
@@ -36,9 +53,13 @@ pub enum Intent {
 /// An authenticated caller.
 #[derive(Clone, Debug)]
 pub struct Caller {
-    /// Who is calling.
+    /// Who is calling (under sudo: the user acted as).
     pub user: User,
     operator: bool,
+    /// The personal access token the request came with.
+    token_id: Option<Id>,
+    /// Under sudo: the administrator acting as `user`.
+    sudo_by: Option<Id>,
 }
 
 impl Caller {
@@ -55,6 +76,8 @@ impl Caller {
                 created_at: Timestamp::from_millis(0),
             },
             operator: true,
+            token_id: None,
+            sudo_by: None,
         }
     }
 
@@ -69,6 +92,16 @@ impl Caller {
     /// Whether the caller passes every role check.
     pub fn is_admin(&self) -> bool {
         self.operator || self.user.is_admin
+    }
+
+    /// The personal access token the request came with (none for the operator and GitLab).
+    pub fn token_id(&self) -> Option<Id> {
+        self.token_id
+    }
+
+    /// Under sudo, the id of the administrator acting as [`Caller::user`].
+    pub fn sudo_by(&self) -> Option<Id> {
+        self.sudo_by
     }
 }
 
@@ -345,8 +378,15 @@ impl Service {
 
     // ---- authentication -------------------------------------------------------------
 
-    /// Authenticates a personal access token for a request with `intent`.
-    pub async fn authenticate(&self, token: Option<&str>, intent: Intent) -> Result<Caller> {
+    /// Authenticates a personal access token for a request with `intent`; with `sudo` (a
+    /// user id or username), as GitLab does: only administrators' tokens with the `sudo`
+    /// scope may act as another user, and the request then runs as that user.
+    pub async fn authenticate(
+        &self,
+        token: Option<&str>,
+        intent: Intent,
+        sudo: Option<&str>,
+    ) -> Result<Caller> {
         let token = token.filter(|t| !t.is_empty()).ok_or(Error::Unauthorized)?;
         let digest = TokenDigest::of(token);
         let (pat, user) = self
@@ -357,6 +397,38 @@ impl Service {
         if !pat.is_active(self.now()) || user.state != "active" {
             return Err(Error::Unauthorized);
         }
+        if let Some(who) = sudo {
+            if !user.is_admin {
+                return Err(Error::ForbiddenBecause("Must be admin to use sudo"));
+            }
+            if !pat.scopes.contains(&Scope::Sudo) {
+                return Err(Error::InsufficientScope { scope: "sudo" });
+            }
+            let target = if !who.is_empty() && who.bytes().all(|b| b.is_ascii_digit()) {
+                match who.parse::<Id>() {
+                    Ok(id) => self.store.user(id).await?,
+                    Err(_) => None,
+                }
+            } else {
+                self.store.user_by_username(who).await?
+            };
+            let target = target.ok_or_else(|| Error::SudoUserNotFound(who.to_owned()))?;
+            if target.id != user.id {
+                // As GitLab: acting as another user, the endpoint's scope is not asked for.
+                self.touch_personal_token(&pat).await?;
+                tracing::info!(
+                    administrator = %user.username,
+                    acting_as = %target.username,
+                    "sudo"
+                );
+                return Ok(Caller {
+                    sudo_by: Some(user.id),
+                    user: target,
+                    operator: false,
+                    token_id: Some(pat.id),
+                });
+            }
+        }
         let allowed = match intent {
             Intent::Read => pat
                 .scopes
@@ -365,9 +437,19 @@ impl Service {
             Intent::Write => pat.scopes.contains(&Scope::Api),
         };
         if !allowed {
-            return Err(Error::InsufficientScope);
+            return Err(Error::InsufficientScope { scope: "api" });
         }
-        // Record the use at most once a minute, so that reads stay reads.
+        self.touch_personal_token(&pat).await?;
+        Ok(Caller {
+            user,
+            operator: false,
+            token_id: Some(pat.id),
+            sudo_by: None,
+        })
+    }
+
+    /// Records the use of a token at most once a minute, so that reads stay reads.
+    async fn touch_personal_token(&self, pat: &PersonalAccessToken) -> Result<()> {
         let now = self.now();
         if pat
             .last_used_at
@@ -375,10 +457,7 @@ impl Service {
         {
             self.store.touch_personal_token(pat.id, now).await?;
         }
-        Ok(Caller {
-            user,
-            operator: false,
-        })
+        Ok(())
     }
 
     /// On an empty database, creates the administrator `root` with an `api` token: `token`
@@ -509,6 +588,161 @@ impl Service {
             )
             .await?;
         Ok((token, secret))
+    }
+
+    /// Personal access tokens: every user's for administrators, else the caller's own (a
+    /// `user_id` of someone else is 401, as GitLab answers).
+    pub async fn list_personal_tokens(
+        &self,
+        caller: &Caller,
+        query: TokenQuery,
+        page: PageRequest,
+    ) -> Result<Paged<PersonalAccessToken>> {
+        let user_id = if caller.is_admin() {
+            if let Some(id) = query.user_id {
+                self.store
+                    .user(id)
+                    .await?
+                    .ok_or(Error::NotFound(Missing::Resource))?;
+            }
+            query.user_id
+        } else {
+            match query.user_id {
+                Some(id) if id != caller.user.id => return Err(Error::NotYours),
+                _ => Some(caller.user.id),
+            }
+        };
+        let filter = TokenFilter {
+            user_id,
+            revoked: query.revoked,
+            active: query.active,
+            search: query.search,
+            today: format_date(self.now().date()),
+        };
+        Ok(self.store.list_personal_tokens(&filter, page).await?)
+    }
+
+    /// A personal access token the caller may see: its own, or any for administrators
+    /// (someone else's or a missing one: 401 for users, 404 for administrators).
+    pub async fn personal_token(&self, caller: &Caller, id: Id) -> Result<PersonalAccessToken> {
+        match self.store.personal_token_by_id(id).await? {
+            Some(token) if token.user_id == caller.user.id || caller.is_admin() => Ok(token),
+            _ if caller.is_admin() => Err(Error::NotFound(Missing::Resource)),
+            _ => Err(Error::NotYours),
+        }
+    }
+
+    /// The token the request came with (also under sudo: the administrator's).
+    pub async fn own_personal_token(&self, caller: &Caller) -> Result<PersonalAccessToken> {
+        let id = caller_token(caller)?;
+        self.store
+            .personal_token_by_id(id)
+            .await?
+            .ok_or(Error::Unauthorized)
+    }
+
+    /// Revokes a token: the caller's own, or any for administrators. Revoking a revoked
+    /// token succeeds again, as in GitLab.
+    pub async fn revoke_personal_token(&self, caller: &Caller, id: Id) -> Result<()> {
+        let token = self
+            .store
+            .personal_token_by_id(id)
+            .await?
+            .ok_or(Error::NotFound(Missing::Record))?;
+        if token.user_id != caller.user.id && !caller.is_admin() {
+            return Err(Error::BadRequest("Not permitted to revoke".into()));
+        }
+        self.revoke(&token).await
+    }
+
+    /// Revokes the token the request came with.
+    pub async fn revoke_own_personal_token(&self, caller: &Caller) -> Result<()> {
+        let token = self.own_personal_token(caller).await?;
+        self.revoke(&token).await
+    }
+
+    async fn revoke(&self, token: &PersonalAccessToken) -> Result<()> {
+        if !self.store.revoke_personal_token(token.id).await? {
+            return Err(Error::NotFound(Missing::Record));
+        }
+        tracing::info!(
+            token_id = token.id,
+            user_id = token.user_id,
+            "personal access token revoked"
+        );
+        Ok(())
+    }
+
+    /// Revokes a token and gives its owner a new one with the same name and scopes, expiring
+    /// on `expires_at` (default: in a week); the caller's own, or any for administrators.
+    pub async fn rotate_personal_token(
+        &self,
+        caller: &Caller,
+        id: Id,
+        expires_at: Option<Date>,
+    ) -> Result<(PersonalAccessToken, Secret)> {
+        let token = self.personal_token(caller, id).await?;
+        self.rotate(token.id, expires_at).await
+    }
+
+    /// Rotates the token the request came with.
+    pub async fn rotate_own_personal_token(
+        &self,
+        caller: &Caller,
+        expires_at: Option<Date>,
+    ) -> Result<(PersonalAccessToken, Secret)> {
+        let id = caller_token(caller)?;
+        self.rotate(id, expires_at).await
+    }
+
+    async fn rotate(
+        &self,
+        id: Id,
+        expires_at: Option<Date>,
+    ) -> Result<(PersonalAccessToken, Secret)> {
+        let today = self.now().date();
+        let expires_at = match expires_at {
+            Some(date) if date <= today => {
+                return Err(Error::BadRequest("Expires at cannot be in the past".into()));
+            }
+            Some(date) => date,
+            None => today
+                .checked_add(time::Duration::days(ROTATED_TOKEN_DAYS))
+                .unwrap_or(today),
+        };
+        let secret = crypto::new_personal_token(self.rng.as_ref())?;
+        let successor = TokenSuccessor {
+            digest: secret.digest(),
+            expires_at: Some(expires_at),
+            created_at: self.now(),
+        };
+        match self.store.rotate_personal_token(id, successor).await? {
+            Rotation::Rotated(token) => {
+                tracing::info!(
+                    revoked_token_id = id,
+                    token_id = token.id,
+                    user_id = token.user_id,
+                    "personal access token rotated"
+                );
+                Ok((token, secret))
+            }
+            Rotation::AlreadyRevoked => Err(Error::BadRequest("Token already revoked".into())),
+            Rotation::Missing => Err(Error::NotFound(Missing::Resource)),
+        }
+    }
+
+    /// Users (any authenticated caller; what each sees is the transport's to decide).
+    /// Only administrators may filter on administrators.
+    pub async fn list_users(
+        &self,
+        caller: &Caller,
+        mut filter: UserFilter,
+        page: PageRequest,
+    ) -> Result<Paged<User>> {
+        if !caller.is_admin() {
+            filter.admins = false;
+        }
+        Ok(self.store.list_users(&filter, page).await?)
     }
 
     // ---- projects and members -------------------------------------------------------
@@ -1126,7 +1360,7 @@ impl Service {
     /// Authenticates an operator's personal access token for the gRPC API: only
     /// administrators' `api` tokens.
     pub async fn authenticate_admin(&self, token: &str) -> Result<Caller> {
-        let caller = self.authenticate(Some(token), Intent::Write).await?;
+        let caller = self.authenticate(Some(token), Intent::Write, None).await?;
         if caller.is_admin() {
             Ok(caller)
         } else {
@@ -1326,6 +1560,13 @@ fn check_url_configuration(
         client_key,
         ca_cert,
         tls_host,
+    })
+}
+
+/// The personal access token a request came with; the operator and GitLab have none.
+fn caller_token(caller: &Caller) -> Result<Id> {
+    caller.token_id().ok_or_else(|| {
+        Error::BadRequest("This endpoint requires token type to be a personal access token".into())
     })
 }
 

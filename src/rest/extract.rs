@@ -34,6 +34,23 @@ fn request_token(parts: &Parts) -> Option<String> {
         .map(|(_, value)| value.into_owned())
 }
 
+/// Who the request asks to act as: `?sudo=`, else the `Sudo` header (GitLab's order).
+fn request_sudo(parts: &Parts) -> Result<Option<String>> {
+    if let Some(query) = parts.uri.query()
+        && let Some((_, value)) =
+            form_urlencoded::parse(query.as_bytes()).find(|(k, _)| k == "sudo")
+    {
+        return Ok(Some(value.into_owned()));
+    }
+    match parts.headers.get("sudo") {
+        None => Ok(None),
+        Some(value) => value
+            .to_str()
+            .map(|v| Some(v.trim().to_owned()))
+            .map_err(|_| Error::MalformedString),
+    }
+}
+
 impl FromRequestParts<App> for Caller {
     type Rejection = Error;
 
@@ -43,8 +60,9 @@ impl FromRequestParts<App> for Caller {
         } else {
             Intent::Write
         };
+        let sudo = request_sudo(parts)?;
         app.service
-            .authenticate(request_token(parts).as_deref(), intent)
+            .authenticate(request_token(parts).as_deref(), intent, sudo.as_deref())
             .await
     }
 }
@@ -141,6 +159,7 @@ impl<S: Send + Sync> FromRequest<S> for Params {
                         if object_holds_nul(&object) {
                             return Err(Error::MalformedString);
                         }
+                        refuse_sudo_in_body(object.contains_key("sudo"))?;
                         params.extend(object);
                     }
                     // `null`, `[]`, `42` (the Go client sends `null` for nil options): valid
@@ -154,11 +173,26 @@ impl<S: Send + Sync> FromRequest<S> for Params {
                     Err(_) => return Err(Error::MalformedJson),
                 }
             }
-            None | Some("application/x-www-form-urlencoded") => merge_form(&mut params, &body)?,
+            None | Some("application/x-www-form-urlencoded") => {
+                refuse_sudo_in_body(form_pairs(&body)?.iter().any(|(k, _)| k == "sudo"))?;
+                merge_form(&mut params, &body)?;
+            }
             Some(_) => return Err(Error::UnsupportedMediaType),
         }
         Ok(Self(params))
     }
+}
+
+/// The caller was authenticated from the request head, before the body was read: a `sudo`
+/// in the body comes too late to decide who is calling, and acting as the token's owner
+/// instead would be wrong, so it is refused.
+fn refuse_sudo_in_body(present: bool) -> Result<()> {
+    if present {
+        return Err(Error::BadRequest(
+            "sudo must be given in the Sudo header or the query string, not in the body".into(),
+        ));
+    }
+    Ok(())
 }
 
 /// Whether a JSON value holds a NUL character in a string or a key, at any depth (serde_json
@@ -331,9 +365,12 @@ impl Check<'_> {
                 Some(0) => Some(false),
                 _ => None,
             },
+            // Grape's coercion (dry-types `Params::Bool`): Python clients send `True`.
             Value::String(s) => match s.as_str() {
-                "true" | "1" => Some(true),
-                "false" | "0" => Some(false),
+                "1" | "on" | "On" | "ON" | "t" | "true" | "True" | "TRUE" | "T" | "y" | "yes"
+                | "Yes" | "YES" | "Y" => Some(true),
+                "0" | "off" | "Off" | "OFF" | "f" | "false" | "False" | "FALSE" | "F" | "n"
+                | "no" | "No" | "NO" | "N" => Some(false),
                 _ => None,
             },
             _ => None,
@@ -446,6 +483,27 @@ mod tests {
         let mut check = p.check();
         assert_eq!(check.required_string("name"), "12");
         assert!(check.finish().is_ok());
+    }
+
+    #[test]
+    fn booleans_coerce_as_grape_does() {
+        for (value, expected) in [
+            (json!("True"), Some(true)),
+            (json!("yes"), Some(true)),
+            (json!(1), Some(true)),
+            (json!(false), Some(false)),
+            (json!("F"), Some(false)),
+            (json!("0"), Some(false)),
+        ] {
+            let p = params(json!({ "flag": value }));
+            let mut check = p.check();
+            assert_eq!(check.optional_bool("flag"), expected, "{value}");
+            assert!(check.finish().is_ok());
+        }
+        let p = params(json!({"flag": "maybe"}));
+        let mut check = p.check();
+        assert_eq!(check.optional_bool("flag"), None);
+        assert!(check.finish().is_err());
     }
 
     #[test]

@@ -26,6 +26,7 @@ pub mod metadata;
 pub mod paginate;
 pub mod projects;
 pub mod repr;
+pub mod tokens;
 pub mod url_configurations;
 pub mod users;
 
@@ -76,6 +77,7 @@ impl IntoResponse for Error {
         (name = "cluster_agent_tokens", description = "Agent tokens"),
         (name = "url_configurations", description = "Receptive agents: how the gateway dials them"),
         (name = "users", description = "Users and personal access tokens"),
+        (name = "personal_access_tokens", description = "Personal access tokens: list, revoke, rotate"),
         (name = "projects", description = "Projects"),
         (name = "members", description = "Project members"),
         (name = "metadata", description = "The instance: version and agent server"),
@@ -110,9 +112,14 @@ fn api() -> (Router<App>, utoipa::openapi::OpenApi) {
         .routes(routes!(url_configurations::get, url_configurations::delete))
         .routes(routes!(url_configurations::connection))
         .routes(routes!(users::current_user))
-        .routes(routes!(users::create_user))
+        .routes(routes!(users::create_user, users::list_users))
         .routes(routes!(users::get_user))
         .routes(routes!(users::create_personal_token))
+        .routes(routes!(tokens::list))
+        .routes(routes!(tokens::get_self, tokens::revoke_self))
+        .routes(routes!(tokens::rotate_self))
+        .routes(routes!(tokens::get, tokens::revoke))
+        .routes(routes!(tokens::rotate))
         .routes(routes!(projects::create_project, projects::list_projects))
         .routes(routes!(projects::get_project))
         .routes(routes!(projects::add_member, projects::list_members))

@@ -7,8 +7,10 @@ use http::StatusCode;
 
 use super::App;
 use super::extract::{Params, PathArgs};
+use super::paginate::paged;
 use super::repr::{ErrorJson, PersonalTokenJson, UserJson, UserPublicJson, UserReplyJson};
-use crate::domain::{Caller, NewTokenInput, NewUserInput, Result, Scope};
+use crate::domain::{Caller, NewTokenInput, NewUserInput, Result, Scope, UserFilter, UserOrder};
+use http::Uri;
 
 /// The authenticated user.
 #[utoipa::path(
@@ -62,6 +64,84 @@ pub async fn create_user(
         Json(UserJson::new(&user, &app.external_url)),
     )
         .into_response())
+}
+
+/// Users, newest first by default: the public fields for anyone authenticated, all fields
+/// for administrators.
+#[utoipa::path(
+    get, path = "/api/v4/users", tag = "users",
+    params(
+        ("username" = Option<String>, Query, description = "Exactly this username, ignoring case"),
+        ("search" = Option<String>, Query, description = "Username, name or e-mail holds this, ignoring case"),
+        ("active" = Option<bool>, Query, description = "Only active users"),
+        ("blocked" = Option<bool>, Query, description = "Only blocked users"),
+        ("admins" = Option<bool>, Query, description = "Only administrators (administrators only)"),
+        ("order_by" = Option<String>, Query, description = "`id` (default), `name`, `username`, `created_at`"),
+        ("sort" = Option<String>, Query, description = "`desc` (default) or `asc`"),
+        ("page" = Option<i64>, Query, description = "Page number (default 1)"),
+        ("per_page" = Option<i64>, Query, description = "Items per page (default 20, max 100)"),
+    ),
+    responses(
+        (status = 200, body = [UserReplyJson]),
+        (status = 400, body = ErrorJson), (status = 401, body = ErrorJson),
+    ),
+    security(("private_token" = []))
+)]
+pub async fn list_users(
+    State(app): State<App>,
+    caller: Caller,
+    uri: Uri,
+    params: Params,
+) -> Result<Response> {
+    let mut check = params.check();
+    let page = check.page();
+    let username = check.optional_string("username");
+    let search = check.optional_string("search").filter(|s| !s.is_empty());
+    let active = check.optional_bool("active").unwrap_or(false);
+    let blocked = check.optional_bool("blocked").unwrap_or(false);
+    let admins = check.optional_bool("admins").unwrap_or(false);
+    let order = match check.optional_string("order_by").as_deref() {
+        None | Some("id") => UserOrder::Id,
+        Some("name") => UserOrder::Name,
+        Some("username") => UserOrder::Username,
+        // No separate update time is kept: a user changes only when created.
+        Some("created_at" | "updated_at") => UserOrder::CreatedAt,
+        Some(_) => {
+            check.not_allowed("order_by");
+            UserOrder::Id
+        }
+    };
+    let ascending = match check.optional_string("sort").as_deref() {
+        None | Some("desc") => false,
+        Some("asc") => true,
+        Some(_) => {
+            check.not_allowed("sort");
+            false
+        }
+    };
+    check.finish()?;
+    let filter = UserFilter {
+        username,
+        search,
+        active,
+        blocked,
+        admins,
+        order,
+        ascending,
+    };
+    let users = app.service.list_users(&caller, filter, page).await?;
+    let items: Vec<UserReplyJson> = users
+        .items
+        .iter()
+        .map(|user| {
+            if caller.is_admin() {
+                UserReplyJson::Full(UserJson::new(user, &app.external_url))
+            } else {
+                UserReplyJson::Public(UserPublicJson::new(user, &app.external_url))
+            }
+        })
+        .collect();
+    Ok(paged(&app.external_url, &uri, page, users.total, items))
 }
 
 /// Body of a user create request.

@@ -20,6 +20,7 @@ import warnings
 try:
     import gitlab
     from gitlab.exceptions import (
+        GitlabAuthenticationError,
         GitlabCreateError,
         GitlabError,
         GitlabGetError,
@@ -273,6 +274,61 @@ def step_version():
     assert metadata["kas"]["externalUrl"], f"metadata is {metadata}"
 
 
+def step_sudo():
+    """sudo (by username and by id) with an administrator's sudo token; refused for a non-admin"""
+    gl = need("gl", 1)
+    root = gl.users.get(ctx["root_id"])
+    sudo_token = root.personal_access_tokens.create({"name": "sudo", "scopes": ["api", "sudo"]})
+    admin = gitlab.Gitlab(URL, private_token=sudo_token.token)
+    username = f"pgl-sudo-{SUFFIX}"
+    user = gl.users.create(
+        {"email": f"{username}@example.com", "username": username, "name": "Sudo Target"}
+    )
+    me = admin.http_get("/user", sudo=username)
+    assert me["id"] == user.id, f"sudo by username ran as {me['username']!r}"
+    me = admin.http_get("/user", sudo=user.id)
+    assert me["username"] == username, f"sudo by id ran as {me['username']!r}"
+    projects = admin.projects.list(sudo=username, get_all=True)
+    assert projects == [], f"the target sees {[p.path_with_namespace for p in projects]}"
+    e = expect_error(GitlabHttpError, 404, admin.http_get, "/user", sudo=f"nobody-{SUFFIX}")
+    assert "Not Found" in str(e.error_message), f"404 message is {e.error_message!r}"
+    pat = gl.http_post(
+        f"/users/{user.id}/personal_access_tokens", post_data={"name": "api", "scopes": ["api"]}
+    )
+    plain = gitlab.Gitlab(URL, private_token=pat["token"])
+    e = expect_error(GitlabHttpError, 403, plain.http_get, "/user", sudo="root")
+    assert "Must be admin to use sudo" in str(e.error_message), f"403 message is {e.error_message!r}"
+
+
+def step_token_revocation():
+    """gl.personal_access_tokens: list, get, rotate, delete; a revoked token stops working"""
+    gl = need("gl", 1)
+    username = f"pgl-pat-{SUFFIX}"
+    user = gl.users.create(
+        {"email": f"{username}@example.com", "username": username, "name": "Token Owner"}
+    )
+    created = gl.http_post(
+        f"/users/{user.id}/personal_access_tokens", post_data={"name": "leaky", "scopes": ["api"]}
+    )
+    owner = gitlab.Gitlab(URL, private_token=created["token"])
+    owner.auth()
+    listed = gl.personal_access_tokens.list(user_id=user.id, get_all=True)
+    assert [t.id for t in listed] == [created["id"]], f"listed {[t.id for t in listed]}"
+    token = gl.personal_access_tokens.get(created["id"])
+    assert token.name == "leaky" and token.active, f"token is {token.attributes}"
+    own = owner.personal_access_tokens.list(get_all=True)
+    assert [t.id for t in own] == [created["id"]], f"the owner lists {[t.id for t in own]}"
+    token.rotate()
+    assert token.id != created["id"] and token.token, f"rotated to {token.attributes}"
+    expect_error(GitlabAuthenticationError, 401, owner.auth)
+    rotated = gitlab.Gitlab(URL, private_token=token.token)
+    rotated.auth()
+    gl.personal_access_tokens.delete(token.id)
+    expect_error(GitlabAuthenticationError, 401, rotated.auth)
+    revoked = gl.personal_access_tokens.list(user_id=user.id, revoked=True, get_all=True)
+    assert len(revoked) == 2, f"revoked tokens: {[t.id for t in revoked]}"
+
+
 STEPS = [
     step_auth,
     step_project,
@@ -281,6 +337,8 @@ STEPS = [
     step_tokens,
     step_read_api_token,
     step_version,
+    step_sudo,
+    step_token_revocation,
 ]
 
 
