@@ -296,6 +296,11 @@ async fn run(
             Ok(true) => {
                 if !joined {
                     tracing::info!(incarnation = %me, replica = %settings.replica_id, "joined the cluster");
+                    // The others give back their excess at their next round: now, rather than
+                    // up to a heartbeat later.
+                    if let Err(error) = leases.announce().await {
+                        tracing::debug!(%error, "announcing the join failed");
+                    }
                 }
                 joined = true;
                 // The lease runs from before the statement: measure from there.
