@@ -60,6 +60,14 @@ impl Held {
     }
 }
 
+/// Whether this replica still has a session with an agent, open or closing: an agent it
+/// gives back is released only once this says no, so that its next holder never dials it
+/// while the old session lingers.
+pub trait Dialling: Send + Sync + std::fmt::Debug {
+    /// True while a session with `agent_id` is open or still closing here.
+    fn is_dialling(&self, agent_id: Id) -> bool;
+}
+
 /// Lease settings.
 #[derive(Clone, Debug)]
 pub struct ClusterSettings {
@@ -102,6 +110,7 @@ impl Membership {
     pub fn join(
         leases: Arc<dyn LeaseStore>,
         settings: ClusterSettings,
+        dialling: Arc<dyn Dialling>,
         wake: Arc<Notify>,
         shutdown: CancellationToken,
     ) -> Self {
@@ -111,6 +120,7 @@ impl Membership {
         let task = tokio::spawn(run(
             Arc::clone(&leases),
             settings,
+            dialling,
             Arc::clone(&incarnation),
             tx,
             wake,
@@ -252,6 +262,7 @@ async fn watchdog(lease: Arc<Lease>, shutdown: CancellationToken) {
 async fn run(
     leases: Arc<dyn LeaseStore>,
     settings: ClusterSettings,
+    dialling: Arc<dyn Dialling>,
     incarnation: Arc<std::sync::Mutex<String>>,
     held: watch::Sender<Held>,
     wake: Arc<Notify>,
@@ -315,12 +326,20 @@ async fn run(
                 }
                 let balanced = tokio::time::timeout(
                     heartbeat,
-                    round(leases.as_ref(), &me, &mut releasing, holding),
+                    round(
+                        leases.as_ref(),
+                        dialling.as_ref(),
+                        &me,
+                        &mut releasing,
+                        holding,
+                    ),
                 )
                 .await;
                 match balanced {
                     Ok(Ok(agents)) => {
-                        holding = agents.len();
+                        // Agents given back but not yet released are still ours in the
+                        // database: counted, so that the next claim does not overshoot.
+                        holding = agents.len() + releasing.len();
                         lease.publish(agents);
                     }
                     Ok(Err(error)) => tracing::warn!(%error, "balancing the agents failed"),
@@ -380,22 +399,33 @@ async fn sleep_until(deadline: Option<Instant>) {
     }
 }
 
-/// One round after a renewal: release what was hung up last round, claim up to the fair
-/// share, and pick the excess to hang up now (released next round).
+/// One round after a renewal: release what has been hung up since it was given back, claim
+/// up to the fair share, and pick the excess to hang up now (released once its sessions have
+/// ended).
 async fn round(
     leases: &dyn LeaseStore,
+    dialling: &dyn Dialling,
     me: &str,
     releasing: &mut Vec<Id>,
     holding: usize,
 ) -> crate::store::Result<BTreeMap<Id, i64>> {
     let (live, agents) = leases.census().await?;
     let share = fair_share(agents, live);
+    // Given back but still dialled (the dialer has not got to it, or its session is still
+    // closing): kept, and released at a later round.
+    let (ended, lingering): (Vec<Id>, Vec<Id>) = releasing
+        .iter()
+        .copied()
+        .partition(|agent_id| !dialling.is_dialling(*agent_id));
     let holding = i64::try_from(holding).unwrap_or(i64::MAX);
     let claim = (share - holding).max(0);
-    let mut held = leases.balance(me, releasing, claim).await?;
-    releasing.clear();
+    let mut held = leases.balance(me, &ended, claim).await?;
+    for agent_id in &lingering {
+        held.remove(agent_id);
+    }
+    *releasing = lingering;
     let count = i64::try_from(held.len()).unwrap_or(i64::MAX);
-    if count > share + 1 {
+    if releasing.is_empty() && count > share + 1 {
         let excess = usize::try_from(count - share).unwrap_or(0);
         let give_back: Vec<Id> = held.keys().rev().take(excess).copied().collect();
         for agent_id in &give_back {
