@@ -335,6 +335,7 @@ pub async fn start(
         )
     });
     let drain = shared.limits().drain_timeout;
+    let flushing = service.clone();
     let task = tokio::spawn(async move {
         while listeners.join_next().await.is_some() {}
         // Sessions are hung up before the database closes; neither may hold the exit up.
@@ -345,6 +346,12 @@ pub async fn start(
         }
         // Only now, with every session hung up, may another replica take the agents.
         membership.leave().await;
+        if tokio::time::timeout(CLOSE_TIMEOUT, flushing.flush_token_uses())
+            .await
+            .is_err()
+        {
+            tracing::warn!("agent token uses could not be recorded before the shutdown");
+        }
         if tokio::time::timeout(CLOSE_TIMEOUT, store.close())
             .await
             .is_err()

@@ -11,6 +11,7 @@ use super::model::*;
 use super::validate::{self, AgentHost, AgentUrl, UrlProblem};
 use tokio::sync::Notify;
 
+use super::last_used::LastUsed;
 use super::sessions::{Connection, NoSessions, Sessions};
 use crate::clock::SharedClock;
 use crate::crypto::envelope::Place;
@@ -198,6 +199,7 @@ pub struct Service {
     sessions: Arc<dyn Sessions>,
     changed: Arc<Notify>,
     rebalance: Arc<Notify>,
+    last_used: LastUsed,
 }
 
 impl std::fmt::Debug for Service {
@@ -217,6 +219,7 @@ impl Service {
         settings: Settings,
     ) -> Self {
         Self {
+            last_used: LastUsed::new(Arc::clone(&store)),
             store,
             clock,
             rng: Arc::new(crypto::system_random()),
@@ -280,7 +283,8 @@ impl Service {
     }
 
     /// Checks the token an agent presents after the gateway dialled `agent_id`; success
-    /// records its use (at most one write a minute).
+    /// records its use (at most once a minute per token), written in the background within
+    /// about a second together with other agents' (see [`super::last_used`]).
     pub async fn authenticate_agent(
         &self,
         agent_id: Id,
@@ -297,8 +301,19 @@ impl Service {
         if token.agent_id != agent_id {
             return Ok(Err(AgentRefusal::WrongAgent));
         }
-        self.store.touch_agent_token(token.id, self.now()).await?;
+        let now = self.now();
+        if token
+            .last_used_at
+            .is_none_or(|last| now.as_millis() - last.as_millis() >= 60_000)
+        {
+            self.last_used.record(token.id, now);
+        }
         Ok(Ok(token))
+    }
+
+    /// Writes the agent token uses not yet written (at shutdown, before the store closes).
+    pub async fn flush_token_uses(&self) {
+        self.last_used.flush().await;
     }
 
     /// Whether an agent token can still authenticate its agent.

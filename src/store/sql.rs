@@ -1212,6 +1212,23 @@ macro_rules! sql_store {
                 Ok(())
             }
 
+            async fn touch_agent_tokens(&self, uses: &[(Id, Timestamp)]) -> Result<()> {
+                if uses.is_empty() {
+                    return Ok(());
+                }
+                // One parameter whatever the batch size: `[[id, millis], ...]`.
+                let pairs: Vec<[i64; 2]> =
+                    uses.iter().map(|(id, at)| [*id, at.as_millis()]).collect();
+                let json = serde_json::to_string(&pairs)
+                    .map_err(|e| Error::Internal(format!("encoding token uses: {e}")))?;
+                sqlx::query(Self::TOUCH_AGENT_TOKENS)
+                    .bind(json)
+                    .execute(&self.pool)
+                    .await
+                    .map_err(map_sqlx)?;
+                Ok(())
+            }
+
             async fn sealed_secrets(&self) -> Result<Vec<SealedSecret>> {
                 let rows: Vec<SealedRow> = sqlx::query_as(
                     "SELECT id, private_key, client_key FROM agent_url_configurations ORDER BY id",
