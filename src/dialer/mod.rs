@@ -84,6 +84,9 @@ pub struct DialerSettings {
     pub backoff_reset_after: Duration,
     /// Addresses never dialled, checked on every address a host resolves to.
     pub denied_networks: DeniedNetworks,
+    /// At most this many dials at once, each from its TCP connect until its session is
+    /// accepted or fails.
+    pub max_concurrent_dials: usize,
 }
 
 impl Default for DialerSettings {
@@ -99,6 +102,29 @@ impl Default for DialerSettings {
             backoff: Backoff::default(),
             backoff_reset_after: Duration::from_secs(60),
             denied_networks: DeniedNetworks::default(),
+            max_concurrent_dials: 256,
+        }
+    }
+}
+
+/// What every dial of this dialer shares: the settings, turns to dial, and the TLS
+/// configurations (one copy of each, not one per agent).
+pub struct Dialing {
+    /// How dials and sessions behave.
+    pub settings: DialerSettings,
+    /// Dials in progress take a turn each (see [`DialerSettings::max_concurrent_dials`]).
+    pub turns: tokio::sync::Semaphore,
+    /// TLS client configurations shared by agents that trust the same CA.
+    pub tls: connect::TlsConfigs,
+}
+
+impl Dialing {
+    /// Shared state for dials with `settings`.
+    pub fn new(settings: &DialerSettings) -> Self {
+        Self {
+            settings: settings.clone(),
+            turns: tokio::sync::Semaphore::new(settings.max_concurrent_dials.max(1)),
+            tls: connect::TlsConfigs::default(),
         }
     }
 }
@@ -219,6 +245,7 @@ async fn reconcile_loop(
 ) {
     let mut running: HashMap<Id, Running> = HashMap::new();
     let mut stopping: HashMap<Id, JoinHandle<()>> = HashMap::new();
+    let dialing = Arc::new(Dialing::new(&settings));
     let changes = port.changes();
     loop {
         stopping.retain(|_, task| !task.is_finished());
@@ -227,7 +254,7 @@ async fn reconcile_loop(
             &port,
             &registry,
             &holding,
-            &settings,
+            &dialing,
             &shutdown,
             &mut running,
             &mut stopping,
@@ -262,7 +289,7 @@ async fn reconcile(
     port: &Arc<dyn Port>,
     registry: &Arc<Registry>,
     held: &Held,
-    settings: &DialerSettings,
+    dialing: &Arc<Dialing>,
     shutdown: &CancellationToken,
     running: &mut HashMap<Id, Running>,
     stopping: &mut HashMap<Id, JoinHandle<()>>,
@@ -331,7 +358,7 @@ async fn reconcile(
             Arc::clone(port),
             Arc::clone(registry),
             config.clone(),
-            settings.clone(),
+            Arc::clone(dialing),
             requests_rx,
             cancel.clone(),
             stopping.remove(&agent_id),
@@ -354,7 +381,7 @@ async fn keep_connected(
     port: Arc<dyn Port>,
     registry: Arc<Registry>,
     config: UrlConfiguration,
-    settings: DialerSettings,
+    dialing: Arc<Dialing>,
     mut requests: mpsc::Receiver<SessionRequest>,
     cancel: CancellationToken,
     previous: Option<JoinHandle<()>>,
@@ -381,7 +408,7 @@ async fn keep_connected(
             port.as_ref(),
             &registry,
             &config,
-            &settings,
+            &dialing,
             &mut requests,
             &cancel,
         )
@@ -391,7 +418,7 @@ async fn keep_connected(
         }
         let error = match outcome {
             Ok(ended) => {
-                if ended.up_for >= settings.backoff_reset_after {
+                if ended.up_for >= dialing.settings.backoff_reset_after {
                     attempt = 0;
                 }
                 ended
@@ -413,7 +440,7 @@ async fn keep_connected(
             cancel.cancelled().await;
             return;
         }
-        let delay = settings.backoff.delay(attempt, random_unit(&rng));
+        let delay = dialing.settings.backoff.delay(attempt, random_unit(&rng));
         attempt = attempt.saturating_add(1);
         let dial_now = async {
             match &waker {
