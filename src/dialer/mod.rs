@@ -116,6 +116,8 @@ pub struct Dialing {
     pub turns: tokio::sync::Semaphore,
     /// TLS client configurations shared by agents that trust the same CA.
     pub tls: connect::TlsConfigs,
+    /// The origin of the grid sessions' heartbeats fall due on.
+    pub epoch: tokio::time::Instant,
 }
 
 impl Dialing {
@@ -125,6 +127,7 @@ impl Dialing {
             settings: settings.clone(),
             turns: tokio::sync::Semaphore::new(settings.max_concurrent_dials.max(1)),
             tls: connect::TlsConfigs::default(),
+            epoch: tokio::time::Instant::now(),
         }
     }
 }
