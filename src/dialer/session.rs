@@ -90,12 +90,31 @@ impl tower::Service<http::Request<tonic::body::Body>> for Http2 {
     }
 }
 
-/// Aborts the HTTP/2 connection's task when the session ends, however it ends.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
+/// Ends the HTTP/2 connection's task when the session ends, however it ends: once the
+/// session's handles are gone the connection closes by itself (GOAWAY, then TLS close); an
+/// agent that holds it up is cut off after [`CLOSE_GRACE`].
+struct Closing(Option<tokio::task::JoinHandle<()>>);
 
-impl Drop for AbortOnDrop {
+/// How long a connection may take to close after its session ended.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
+
+impl Drop for Closing {
     fn drop(&mut self) {
-        self.0.abort();
+        let Some(task) = self.0.take() else { return };
+        if task.is_finished() {
+            return;
+        }
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                let abort = task.abort_handle();
+                runtime.spawn(async move {
+                    if tokio::time::timeout(CLOSE_GRACE, task).await.is_err() {
+                        abort.abort();
+                    }
+                });
+            }
+            Err(_) => task.abort(),
+        }
     }
 }
 
@@ -182,11 +201,11 @@ async fn attempt(
     .await
     .map_err(|_| DialError::transient("the agent did not start HTTP/2 in time"))?
     .map_err(|e| explain(&e, &target))?;
-    let _connection = AbortOnDrop(tokio::spawn(async move {
+    let _connection = Closing(Some(tokio::spawn(async move {
         if let Err(error) = connection.await {
             tracing::debug!(%error, "the HTTP/2 connection to the agent ended");
         }
-    }));
+    })));
     let origin = http::Uri::try_from(format!("http://{}", target.authority()))
         .map_err(|e| DialError::permanent(format!("invalid endpoint: {e}")))?;
     let mut client = tonic::client::Grpc::with_origin(Http2(sender), origin);
