@@ -11,9 +11,9 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
+use super::Dialing;
 use super::connect::{self, DialError, Target};
 use super::state::Registry;
-use super::{DialerSettings, Dialing};
 use crate::crypto::jwt;
 use crate::domain::{AgentMetadata, DialCredentials, Phase, UrlConfiguration};
 use crate::proto::agent::v1 as pb;
@@ -61,7 +61,7 @@ pub async fn run(
     tokio::select! {
         biased;
         () = cancel.cancelled() => Err(DialError::transient("the gateway hung up")),
-        outcome = attempt(port, registry, config, &dialing.settings, dialing, requests, cancel) => outcome,
+        outcome = attempt(port, registry, config, dialing, requests, cancel) => outcome,
     }
 }
 
@@ -122,11 +122,11 @@ async fn attempt(
     port: &dyn super::Port,
     registry: &Registry,
     config: &UrlConfiguration,
-    settings: &DialerSettings,
     dialing: &Dialing,
     requests: &mut mpsc::Receiver<SessionRequest>,
     cancel: &CancellationToken,
 ) -> Result<Ended, DialError> {
+    let settings = &dialing.settings;
     let target = Target::parse(&config.url, config.tls_host.as_deref())?;
     // Dials take turns (a few hundred at a time) until their session is accepted: at a cold
     // start with thousands of agents, every handshake then finishes well within its
