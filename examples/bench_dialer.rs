@@ -1,23 +1,176 @@
-//! Dialer benchmark: N simulated agents (in this process) and a real gateway (a child
-//! process). Reports the time until every agent is connected after a gateway start, the
-//! gateway's memory per connected agent, the CPU its idle heartbeats cost, and, for scale,
-//! this machine's raw rate of TLS handshakes measured in the same run.
+//! Dialer benchmark: N simulated agents spread over several `kas-gateway agent-sim`
+//! processes and a real gateway (a child process too), on SQLite or PostgreSQL. Reports the
+//! time until every agent is connected after a gateway start beside the time this machine
+//! takes for as many raw TLS handshakes (measured in the same run), the gateway's memory per
+//! connected agent and the CPU its idle heartbeats cost.
 //!
 //!   scripts/bench-dialer [AGENTS]        (builds in release mode and runs this)
+//!
+//! Environment: BACKEND (sqlite, the default, or postgres), DATABASE_URL (the PostgreSQL
+//! server, default postgres://postgres@127.0.0.1:5432/postgres; a fresh database is made on
+//! it and dropped), AGENTS_PER_PROCESS (2000), IDLE_SECONDS (30), PORT_BASE (first agent port
+//! tried, 10000), GATEWAY_BIN, SIM_BIN (the binary running the agents; GATEWAY_BIN by default).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use kas_gateway::agent_sim::{AgentSim, AgentSimConfig};
+use futures::StreamExt;
 use kas_gateway::certs::DevCa;
-use kas_gateway::clock::SystemClock;
 use serde_json::{Value, json};
 use tokio::net::{TcpListener, TcpStream};
 
 const TOKEN: &str = "glpat-benchmark-root-token-00000000";
+/// A gateway on PostgreSQL must be given its encryption keys (any fixed key does here).
+const PG_ENCRYPTION_KEYS: &str = "k1=AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+
+enum Backend {
+    Sqlite,
+    Postgres {
+        server: String,
+        url: String,
+        name: String,
+    },
+}
+
+impl Backend {
+    /// From BACKEND: SQLite in the data directory, or a fresh database on DATABASE_URL.
+    async fn from_env() -> Self {
+        match std::env::var("BACKEND").as_deref() {
+            Ok("postgres") => {
+                let server = std::env::var("DATABASE_URL")
+                    .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+                let name = format!("kas_bench_{}", std::process::id());
+                let pool = sqlx::PgPool::connect(&server).await.unwrap();
+                sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "DROP DATABASE IF EXISTS {name}"
+                )))
+                .execute(&pool)
+                .await
+                .unwrap();
+                sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+                    .execute(&pool)
+                    .await
+                    .unwrap();
+                pool.close().await;
+                let base = server.rsplit_once('/').map_or(server.as_str(), |(b, _)| b);
+                let url = format!("{base}/{name}");
+                Self::Postgres { server, url, name }
+            }
+            Ok("sqlite") | Err(_) => Self::Sqlite,
+            Ok(other) => panic!("BACKEND={other}: sqlite or postgres"),
+        }
+    }
+
+    fn name(&self) -> &'static str {
+        match self {
+            Self::Sqlite => "SQLite",
+            Self::Postgres { .. } => "PostgreSQL",
+        }
+    }
+
+    async fn drop_database(&self) {
+        if let Self::Postgres { server, name, .. } = self {
+            let pool = sqlx::PgPool::connect(server).await.unwrap();
+            let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+                "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+            )))
+            .execute(&pool)
+            .await;
+            pool.close().await;
+        }
+    }
+}
+
+/// One `kas-gateway agent-sim` process serving a range of agents, and what it last reported.
+struct SimProcess {
+    child: Child,
+    listening: Arc<AtomicU64>,
+    accepted_agents: Arc<AtomicU64>,
+    open_sessions: Arc<AtomicU64>,
+    pongs: Arc<AtomicU64>,
+}
+
+impl SimProcess {
+    fn start(bin: &str, dir: &std::path::Path, index: usize, agents: &[(u16, String)]) -> Self {
+        let file = dir.join(format!("agents-{index}.txt"));
+        let lines: String = agents
+            .iter()
+            .map(|(port, token)| format!("{port} {token}\n"))
+            .collect();
+        std::fs::write(&file, lines).unwrap();
+        let mut child = Command::new(bin)
+            .arg("agent-sim")
+            .arg("--listen")
+            .arg("127.0.0.1:0")
+            .arg("--agents-file")
+            .arg(&file)
+            .arg("--tls-cert")
+            .arg(dir.join("agent.crt"))
+            .arg("--tls-key")
+            .arg(dir.join("agent.key"))
+            .arg("--status-every-ms")
+            .arg("20")
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start agent-sim");
+        let stdout = child.stdout.take().unwrap();
+        let process = Self {
+            child,
+            listening: Arc::default(),
+            accepted_agents: Arc::default(),
+            open_sessions: Arc::default(),
+            pongs: Arc::default(),
+        };
+        let (listening, accepted, open, pongs) = (
+            Arc::clone(&process.listening),
+            Arc::clone(&process.accepted_agents),
+            Arc::clone(&process.open_sessions),
+            Arc::clone(&process.pongs),
+        );
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                let Ok(status) = serde_json::from_str::<Value>(&line) else {
+                    continue;
+                };
+                let read = |key: &str| status[key].as_u64().unwrap_or(0);
+                listening.store(read("listening"), Ordering::Relaxed);
+                accepted.store(read("accepted_agents"), Ordering::Relaxed);
+                open.store(read("open_sessions"), Ordering::Relaxed);
+                pongs.store(read("pongs"), Ordering::Relaxed);
+            }
+        });
+        process
+    }
+
+    fn stop(mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
+fn sum(sims: &[SimProcess], field: impl Fn(&SimProcess) -> &AtomicU64) -> u64 {
+    sims.iter().map(|s| field(s).load(Ordering::Relaxed)).sum()
+}
+
+/// Free loopback ports from `base` upwards (below the ephemeral range, so that the gateway's
+/// own outgoing connections never take one).
+fn agent_ports(base: u16, count: usize) -> Vec<u16> {
+    let ports: Vec<u16> = (base..u16::MAX)
+        .filter(|port| std::net::TcpListener::bind(("127.0.0.1", *port)).is_ok())
+        .take(count)
+        .collect();
+    assert_eq!(ports.len(), count, "not enough free ports from {base}");
+    ports
+}
 
 struct Gateway {
     child: Child,
@@ -25,8 +178,14 @@ struct Gateway {
 }
 
 impl Gateway {
-    async fn start(bin: &str, data: &std::path::Path, port: u16) -> Self {
-        let child = Command::new(bin)
+    async fn start(bin: &str, data: &std::path::Path, port: u16, backend: &Backend) -> Self {
+        let mut command = Command::new(bin);
+        if let Backend::Postgres { url, .. } = backend {
+            command
+                .env("KAS_GATEWAY_DATABASE_URL", url)
+                .env("KAS_GATEWAY_ENCRYPTION_KEYS", PG_ENCRYPTION_KEYS);
+        }
+        let child = command
             .arg("serve")
             .env("KAS_GATEWAY_DATA_DIR", data)
             .env("KAS_GATEWAY_LISTEN", format!("127.0.0.1:{port}"))
@@ -178,12 +337,25 @@ async fn main() {
         .nth(1)
         .and_then(|a| a.parse().ok())
         .unwrap_or(1000);
-    let idle_secs: u64 = std::env::var("IDLE_SECONDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(30);
+    let env = |name: &str, default: u64| -> u64 {
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    };
+    let idle_secs = env("IDLE_SECONDS", 30);
+    let per_process = usize::try_from(env("AGENTS_PER_PROCESS", 2000))
+        .unwrap()
+        .max(1);
+    let port_base = u16::try_from(env("PORT_BASE", 10000)).unwrap();
     let bin = std::env::var("GATEWAY_BIN").unwrap_or_else(|_| "target/release/kas-gateway".into());
+    let sim_bin = std::env::var("SIM_BIN").unwrap_or_else(|_| bin.clone());
+    let backend = Backend::from_env().await;
     let dir = tempfile::tempdir().unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+    }
     let now = time::OffsetDateTime::from_unix_timestamp(
         i64::try_from(
             std::time::SystemTime::UNIX_EPOCH
@@ -197,72 +369,87 @@ async fn main() {
     let ca = DevCa::new("bench CA", now).unwrap();
     let server = ca.server(&["localhost"], now).unwrap();
     let ca_pem = ca.pair().cert;
+    std::fs::write(dir.path().join("agent.crt"), &server.cert).unwrap();
+    std::fs::write(dir.path().join("agent.key"), &server.key).unwrap();
     let client = reqwest::Client::new();
 
     // Setup with a first gateway: baseline memory, then every agent, token and configuration.
     let port = free_port();
-    let setup = Gateway::start(&bin, dir.path(), port).await;
+    let setup = Gateway::start(&bin, dir.path(), port, &backend).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let baseline_kib = rss_kib(setup.pid());
     let project = post(&client, &setup.base, "/projects", json!({"name": "bench"})).await;
     let project_id = project["id"].as_i64().unwrap();
-    let mut listeners = Vec::with_capacity(agents);
-    let mut tokens = Vec::with_capacity(agents);
-    for i in 0..agents {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let agent = post(
-            &client,
-            &setup.base,
-            &format!("/projects/{project_id}/cluster_agents"),
-            json!({"name": format!("agent-{i:05}")}),
-        )
+    let ports = agent_ports(port_base, agents);
+    let setup_started = Instant::now();
+    let created: Vec<(u16, String)> = futures::stream::iter(ports.into_iter().enumerate())
+        .map(|(i, agent_port)| {
+            let (client, base, ca_pem) = (&client, &setup.base, &ca_pem);
+            async move {
+                let agent = post(
+                    client,
+                    base,
+                    &format!("/projects/{project_id}/cluster_agents"),
+                    json!({"name": format!("agent-{i:05}")}),
+                )
+                .await;
+                let agent_id = agent["id"].as_i64().unwrap();
+                let token = post(
+                    client,
+                    base,
+                    &format!("/projects/{project_id}/cluster_agents/{agent_id}/tokens"),
+                    json!({"name": "t"}),
+                )
+                .await;
+                post(
+                    client,
+                    base,
+                    &format!("/projects/{project_id}/cluster_agents/{agent_id}/url_configurations"),
+                    json!({"url": format!("grpcs://localhost:{agent_port}"), "ca_cert": ca_pem}),
+                )
+                .await;
+                (agent_port, token["token"].as_str().unwrap().to_owned())
+            }
+        })
+        .buffer_unordered(8)
+        .collect()
         .await;
-        let agent_id = agent["id"].as_i64().unwrap();
-        let token = post(
-            &client,
-            &setup.base,
-            &format!("/projects/{project_id}/cluster_agents/{agent_id}/tokens"),
-            json!({"name": "t"}),
-        )
-        .await;
-        post(
-            &client,
-            &setup.base,
-            &format!("/projects/{project_id}/cluster_agents/{agent_id}/url_configurations"),
-            json!({"url": format!("grpcs://localhost:{port}"), "ca_cert": ca_pem}),
-        )
-        .await;
-        listeners.push(listener);
-        tokens.push(token["token"].as_str().unwrap().to_owned());
-    }
+    eprintln!(
+        "set up {agents} agents on {} in {:.1} s",
+        backend.name(),
+        setup_started.elapsed().as_secs_f64()
+    );
     setup.stop();
 
-    // The agents.
-    let mut sims = Vec::with_capacity(agents);
-    for (listener, token) in listeners.into_iter().zip(tokens) {
-        let config = AgentSimConfig {
-            token,
-            tls: Some((server.cert.clone(), server.key.clone())),
-            client_ca: None,
-            jwt_public_key: None,
-            jwt_audience: kas_gateway::crypto::jwt::AUDIENCE.into(),
-            metadata: Default::default(),
-            clock: Arc::new(SystemClock),
-        };
-        sims.push(AgentSim::start(config, listener).unwrap());
+    // The agents, AGENTS_PER_PROCESS to a process.
+    let sims: Vec<SimProcess> = created
+        .chunks(per_process)
+        .enumerate()
+        .map(|(i, chunk)| SimProcess::start(&sim_bin, dir.path(), i, chunk))
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while sum(&sims, |s| &s.listening) < agents as u64 {
+        assert!(Instant::now() < deadline, "the agents did not start");
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    tokio::time::sleep(Duration::from_secs(1)).await;
 
     // A cold start: time until every agent has an accepted session.
     let started = Instant::now();
-    let gateway = Gateway::start(&bin, dir.path(), port).await;
-    let deadline = Instant::now() + Duration::from_secs(600);
+    let gateway = Gateway::start(&bin, dir.path(), port, &backend).await;
+    let ready = started.elapsed();
+    let deadline = Instant::now() + Duration::from_secs(900);
+    let mut first = None;
+    let mut half = None;
     loop {
-        let accepted = sims
-            .iter()
-            .filter(|s| s.events.accepted.load(Ordering::Relaxed) > 0)
-            .count();
-        if accepted == agents {
+        let accepted = sum(&sims, |s| &s.accepted_agents);
+        if first.is_none() && accepted > 0 {
+            first = Some(started.elapsed());
+        }
+        if half.is_none() && accepted * 2 >= agents as u64 {
+            half = Some(started.elapsed());
+        }
+        if accepted == agents as u64 {
             break;
         }
         assert!(
@@ -271,41 +458,57 @@ async fn main() {
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    // The status lines come every 20 ms: at most that late.
     let all_connected = started.elapsed();
+    let cold_start_cpu = cpu_ticks(gateway.pid()) as f64 / 100.0;
+    let sims_cpu = sims.iter().map(|s| cpu_ticks(s.child.id())).sum::<u64>() as f64 / 100.0;
+    let load_connected = load_average();
 
     tokio::time::sleep(Duration::from_secs(3)).await;
     let connected_kib = rss_kib(gateway.pid());
-    let pongs_before: u64 = sims
-        .iter()
-        .map(|s| s.events.pongs.load(Ordering::Relaxed))
-        .sum();
+    let pongs_before = sum(&sims, |s| &s.pongs);
     let ticks_before = cpu_ticks(gateway.pid());
     tokio::time::sleep(Duration::from_secs(idle_secs)).await;
     let ticks = cpu_ticks(gateway.pid()) - ticks_before;
-    let pongs: u64 = sims
-        .iter()
-        .map(|s| s.events.pongs.load(Ordering::Relaxed))
-        .sum::<u64>()
-        - pongs_before;
-    let still_open: i64 = sims
-        .iter()
-        .map(|s| s.events.open_sessions.load(Ordering::Relaxed))
-        .sum();
+    let pongs = sum(&sims, |s| &s.pongs) - pongs_before;
+    let still_open = sum(&sims, |s| &s.open_sessions);
+    let load_idle = load_average();
     gateway.stop();
+    let processes = sims.len();
     for sim in sims {
-        sim.stop().await;
+        sim.stop();
     }
+    backend.drop_database().await;
 
-    let handshakes = tls_handshakes_per_second(&ca_pem, &server.cert, &server.key, 2000, 2).await;
+    // The same number of raw TLS handshakes, on the same certificates, on a machine as
+    // quiet as this benchmark can make it.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let raw_started = Instant::now();
+    let handshakes = tls_handshakes_per_second(&ca_pem, &server.cert, &server.key, agents, 2).await;
+    let raw = raw_started.elapsed();
     let cpu_seconds = ticks as f64 / 100.0;
-    println!("agents                           {agents}");
     println!(
-        "all connected after cold start   {:.2} s ({:.0} sessions/s)",
-        all_connected.as_secs_f64(),
-        agents as f64 / all_connected.as_secs_f64()
+        "agents                           {agents} ({processes} agent processes), {}",
+        backend.name()
     );
     println!(
-        "raw TLS handshakes, same run     {handshakes:.0} /s (loopback, ECDSA P-256, 2 at a time)"
+        "all connected after cold start   {:.2} s ({:.0} sessions/s; gateway ready after {:.2} s, first after {:.2} s, half after {:.2} s)",
+        all_connected.as_secs_f64(),
+        agents as f64 / all_connected.as_secs_f64(),
+        ready.as_secs_f64(),
+        first.unwrap_or_default().as_secs_f64(),
+        half.unwrap_or_default().as_secs_f64(),
+    );
+    println!(
+        "CPU until all connected          gateway {cold_start_cpu:.2} s, agent processes {sims_cpu:.2} s"
+    );
+    println!(
+        "raw TLS, same count, same run    {:.2} s ({handshakes:.0} handshakes/s; loopback, ECDSA P-256, 2 at a time)",
+        raw.as_secs_f64()
+    );
+    println!(
+        "connected / raw TLS              {:.2}x",
+        all_connected.as_secs_f64() / raw.as_secs_f64()
     );
     println!(
         "gateway RSS idle, no agents      {:.1} MiB",
@@ -331,4 +534,16 @@ async fn main() {
             0.0
         }
     );
+    println!(
+        "load average                     {load_connected} (all connected), {load_idle} (after idle)"
+    );
+}
+
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
 }

@@ -90,6 +90,10 @@ struct AgentSimArgs {
     /// Require gateway client certificates signed by this CA (PEM).
     #[arg(long, requires = "tls_cert")]
     client_ca: Option<std::path::PathBuf>,
+    /// Also print a status line (JSON: agents, listening, accepted_agents, open_sessions,
+    /// pongs) on standard output this often, for programs that drive many agents.
+    #[arg(long, value_name = "MILLISECONDS")]
+    status_every_ms: Option<u64>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -199,6 +203,7 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::AgentSim(args) => {
             telemetry::init("info", kas_gateway::config::LogFormat::Text)?;
+            server::raise_file_limit();
             run_agent_sim(args).await
         }
         Command::Serve(WithConfig { config }) => {
@@ -547,13 +552,30 @@ async fn run_agent_sim(args: AgentSimArgs) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     server::cancel_on_signals(shutdown.clone());
     let mut report = tokio::time::interval(std::time::Duration::from_secs(10));
+    let mut status = tokio::time::interval(std::time::Duration::from_millis(
+        args.status_every_ms.unwrap_or(u64::MAX / 4).max(10),
+    ));
+    status.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             () = shutdown.cancelled() => break,
             _ = report.tick() => {
-                let open: i64 = sims.iter().map(|s| s.events.open_sessions.load(std::sync::atomic::Ordering::Relaxed)).sum();
-                let accepted: u64 = sims.iter().map(|s| s.events.accepted.load(std::sync::atomic::Ordering::Relaxed)).sum();
-                tracing::info!(open_sessions = open, accepted, "agent-sim");
+                let now = SimStatus::of(&sims);
+                tracing::info!(open_sessions = now.open_sessions, accepted = now.accepted, "agent-sim");
+            }
+            _ = status.tick(), if args.status_every_ms.is_some() => {
+                let now = SimStatus::of(&sims);
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "agents": sims.len(),
+                        "listening": sims.len(),
+                        "accepted_agents": now.accepted_agents,
+                        "accepted": now.accepted,
+                        "open_sessions": now.open_sessions,
+                        "pongs": now.pongs,
+                    })
+                );
             }
         }
     }
@@ -561,6 +583,34 @@ async fn run_agent_sim(args: AgentSimArgs) -> anyhow::Result<()> {
         sim.stop().await;
     }
     Ok(())
+}
+
+/// What a set of simulated agents saw, summed.
+struct SimStatus {
+    accepted: u64,
+    accepted_agents: usize,
+    open_sessions: i64,
+    pongs: u64,
+}
+
+impl SimStatus {
+    fn of(sims: &[kas_gateway::agent_sim::AgentSim]) -> Self {
+        use std::sync::atomic::Ordering::Relaxed;
+        let mut status = Self {
+            accepted: 0,
+            accepted_agents: 0,
+            open_sessions: 0,
+            pongs: 0,
+        };
+        for sim in sims {
+            let accepted = sim.events.accepted.load(Relaxed);
+            status.accepted += accepted;
+            status.accepted_agents += usize::from(accepted > 0);
+            status.open_sessions += sim.events.open_sessions.load(Relaxed);
+            status.pongs += sim.events.pongs.load(Relaxed);
+        }
+        status
+    }
 }
 
 /// The error as a client would see it, for the operator.

@@ -43,11 +43,19 @@ pub mod codec {
 
     /// prost's codec with decoding errors reported as `INVALID_ARGUMENT`.
     #[derive(Debug, Clone)]
-    pub struct StrictCodec<T, U>(ProstCodec<T, U>);
+    pub struct StrictCodec<T, U>(ProstCodec<T, U>, Option<BufferSettings>);
 
     impl<T, U> Default for StrictCodec<T, U> {
         fn default() -> Self {
-            Self(ProstCodec::default())
+            Self(ProstCodec::default(), None)
+        }
+    }
+
+    impl<T, U> StrictCodec<T, U> {
+        /// The codec with these buffers (tonic's default starts each stream's encoding and
+        /// decoding buffers at 8 KiB; long-lived streams of small messages need far less).
+        pub fn with_buffers(buffers: BufferSettings) -> Self {
+            Self(ProstCodec::default(), Some(buffers))
         }
     }
 
@@ -62,11 +70,17 @@ pub mod codec {
         type Decoder = StrictDecoder<U>;
 
         fn encoder(&mut self) -> Self::Encoder {
-            self.0.encoder()
+            match self.1 {
+                Some(buffers) => ProstCodec::<T, U>::raw_encoder(buffers),
+                None => self.0.encoder(),
+            }
         }
 
         fn decoder(&mut self) -> Self::Decoder {
-            StrictDecoder(self.0.decoder())
+            StrictDecoder(match self.1 {
+                Some(buffers) => ProstCodec::<T, U>::raw_decoder(buffers),
+                None => self.0.decoder(),
+            })
         }
     }
 

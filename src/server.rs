@@ -271,6 +271,7 @@ pub async fn start(
                     lease_ttl: config.lease_ttl,
                     private_api_url: private_api.as_ref().map(|(_, url)| url.clone()),
                 },
+                Arc::clone(&registry) as Arc<dyn crate::cluster::Dialling>,
                 Arc::clone(service.rebalance()),
                 shutdown.clone(),
             )
@@ -390,6 +391,7 @@ pub async fn start(
         )
     });
     let drain = shared.limits().drain_timeout;
+    let flushing = service.clone();
     let task = tokio::spawn(async move {
         while listeners.join_next().await.is_some() {}
         // Sessions are hung up before the database closes; neither may hold the exit up.
@@ -400,6 +402,12 @@ pub async fn start(
         }
         // Only now, with every session hung up, may another replica take the agents.
         membership.leave().await;
+        if tokio::time::timeout(CLOSE_TIMEOUT, flushing.flush_token_uses())
+            .await
+            .is_err()
+        {
+            tracing::warn!("agent token uses could not be recorded before the shutdown");
+        }
         if tokio::time::timeout(CLOSE_TIMEOUT, store.close())
             .await
             .is_err()

@@ -152,7 +152,8 @@ async fn jwt_over_grpcs(#[values(Backend::Sqlite, Backend::Postgres)] backend: B
     assert_eq!(state["connected_since"], START.to_iso8601());
     assert_eq!(state["last_error"], Value::Null);
     assert!(SimEvents::read(&sim.events.jwt_rejections).is_empty());
-    // The token's use is recorded.
+    // The token's use is recorded, lazily as GitLab does: within about a second (uses are
+    // written in batches).
     let tokens = gw
         .get(
             ROOT_TOKEN,
@@ -160,12 +161,19 @@ async fn jwt_over_grpcs(#[values(Backend::Sqlite, Backend::Postgres)] backend: B
         )
         .await;
     let token_id = tokens.body[0]["id"].as_i64().unwrap();
-    let detail = gw
-        .get(
-            ROOT_TOKEN,
-            &format!("/api/v4/projects/{project}/cluster_agents/{agent}/tokens/{token_id}"),
-        )
-        .await;
+    let recorded = Instant::now();
+    let detail = loop {
+        let detail = gw
+            .get(
+                ROOT_TOKEN,
+                &format!("/api/v4/projects/{project}/cluster_agents/{agent}/tokens/{token_id}"),
+            )
+            .await;
+        if !detail.body["last_used_at"].is_null() || recorded.elapsed() > Duration::from_secs(10) {
+            break detail;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     assert_eq!(detail.body["last_used_at"], START.to_iso8601());
     // Heartbeats flow.
     let pongs = sim.events.pongs.load(std::sync::atomic::Ordering::SeqCst);

@@ -416,3 +416,101 @@ async fn tokens_order_and_revocation(
         3
     );
 }
+
+/// Uses of many agent tokens land in one write; a use within a minute of the recorded one
+/// changes nothing (one write per token per minute), a later one moves it forward.
+#[rstest]
+#[tokio::test]
+async fn agent_token_uses_in_one_batch(
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+) {
+    let s = subject!(backend);
+    let (_, agent) = project_with_agent(&s.store).await;
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        match s
+            .store
+            .create_agent_token(agent, agent_token(&format!("u{i}")), 10)
+            .await
+            .unwrap()
+        {
+            TokenCreated::Created(token) => ids.push(token.id),
+            TokenCreated::LimitReached => panic!("limit"),
+        }
+    }
+    let at = |millis: i64| Timestamp::from_millis(START.as_millis() + millis);
+    let last_used = |id: i64| {
+        let store = &s.store;
+        async move {
+            store
+                .agent_token(agent, id)
+                .await
+                .unwrap()
+                .unwrap()
+                .last_used_at
+        }
+    };
+    s.store
+        .touch_agent_tokens(&[(ids[0], at(1_000)), (ids[1], at(2_000))])
+        .await
+        .unwrap();
+    assert_eq!(last_used(ids[0]).await, Some(at(1_000)));
+    assert_eq!(last_used(ids[1]).await, Some(at(2_000)));
+    assert_eq!(last_used(ids[2]).await, None);
+    s.store
+        .touch_agent_tokens(&[(ids[0], at(30_000)), (ids[1], at(62_000)), (9_999, at(0))])
+        .await
+        .unwrap();
+    assert_eq!(last_used(ids[0]).await, Some(at(1_000)));
+    assert_eq!(last_used(ids[1]).await, Some(at(62_000)));
+    s.store.touch_agent_tokens(&[]).await.unwrap();
+}
+
+/// The batcher behind agent token uses: the latest use of each token is written by itself
+/// within about a second, and whatever is pending is written on `flush` (at shutdown).
+#[rstest]
+#[tokio::test]
+async fn agent_token_use_batcher(#[values(Backend::Sqlite, Backend::Postgres)] backend: Backend) {
+    use kas_gateway::domain::last_used::LastUsed;
+    let s = subject!(backend);
+    let (_, agent) = project_with_agent(&s.store).await;
+    let mut ids = Vec::new();
+    for i in 0..2 {
+        match s
+            .store
+            .create_agent_token(agent, agent_token(&format!("b{i}")), 10)
+            .await
+            .unwrap()
+        {
+            TokenCreated::Created(token) => ids.push(token.id),
+            TokenCreated::LimitReached => panic!("limit"),
+        }
+    }
+    let at = |millis: i64| Timestamp::from_millis(START.as_millis() + millis);
+    let last_used = |id: i64| {
+        let store = &s.store;
+        async move {
+            store
+                .agent_token(agent, id)
+                .await
+                .unwrap()
+                .unwrap()
+                .last_used_at
+        }
+    };
+    let batcher = LastUsed::new(Arc::clone(&s.store));
+    batcher.record(ids[0], at(2_000));
+    batcher.record(ids[0], at(1_000));
+    let waited = std::time::Instant::now();
+    while last_used(ids[0]).await.is_none() {
+        assert!(
+            waited.elapsed() < std::time::Duration::from_secs(10),
+            "never written"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(last_used(ids[0]).await, Some(at(2_000)));
+    batcher.record(ids[1], at(3_000));
+    batcher.flush().await;
+    assert_eq!(last_used(ids[1]).await, Some(at(3_000)));
+}

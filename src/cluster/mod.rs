@@ -124,8 +124,10 @@ impl Membership {
             Arc::clone(&incarnation),
             tx,
             wake,
-            shutdown,
-            stop.clone(),
+            Stops {
+                shutdown,
+                stop: stop.clone(),
+            },
         ));
         Self {
             held,
@@ -259,6 +261,13 @@ async fn watchdog(lease: Arc<Lease>, shutdown: CancellationToken) {
     }
 }
 
+/// When the loop stops: `shutdown` ends claiming, `stop` ends the loop (after the leave).
+#[derive(Debug)]
+struct Stops {
+    shutdown: CancellationToken,
+    stop: CancellationToken,
+}
+
 async fn run(
     leases: Arc<dyn LeaseStore>,
     settings: ClusterSettings,
@@ -266,9 +275,9 @@ async fn run(
     incarnation: Arc<std::sync::Mutex<String>>,
     held: watch::Sender<Held>,
     wake: Arc<Notify>,
-    shutdown: CancellationToken,
-    stop: CancellationToken,
+    stops: Stops,
 ) {
+    let Stops { shutdown, stop } = stops;
     let ttl = settings.lease_ttl;
     let heartbeat = ttl / 3;
     let lease = Arc::new(Lease {

@@ -214,6 +214,57 @@ pub fn tls_config(
     Ok(Arc::new(config))
 }
 
+/// The TLS client configurations of configurations without a client certificate, shared by
+/// every agent with the same trust roots: one parse of the CA (or one read of the platform's
+/// roots) and one session cache instead of one per agent and per dial. Entries live as long
+/// as a session or a dial uses them.
+#[derive(Default)]
+pub struct TlsConfigs {
+    shared: std::sync::Mutex<SharedConfigs>,
+}
+
+#[derive(Default)]
+struct SharedConfigs {
+    by_ca: std::collections::HashMap<Option<String>, std::sync::Weak<ClientConfig>>,
+    /// The size at which entries no longer used are next dropped.
+    prune_at: usize,
+}
+
+impl TlsConfigs {
+    /// The configuration trusting `ca_cert` (else the platform's roots), without a client
+    /// certificate; built on first use.
+    pub fn without_client_cert(
+        &self,
+        ca_cert: Option<&str>,
+    ) -> Result<Arc<ClientConfig>, DialError> {
+        let key = ca_cert.map(str::to_owned);
+        if let Some(config) = self
+            .lock()
+            .by_ca
+            .get(&key)
+            .and_then(std::sync::Weak::upgrade)
+        {
+            return Ok(config);
+        }
+        // Built outside the lock: two dials may both build it; the last one stays shared.
+        let config = tls_config(ca_cert, None)?;
+        let mut shared = self.lock();
+        if shared.by_ca.len() >= shared.prune_at {
+            shared.by_ca.retain(|_, config| config.strong_count() > 0);
+            shared.prune_at = (shared.by_ca.len() * 2).max(64);
+        }
+        shared.by_ca.insert(key, Arc::downgrade(&config));
+        Ok(config)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, SharedConfigs> {
+        match self.shared.lock() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+}
+
 /// Resolves, drops the addresses in `denied`, connects (TCP, no delay) to the first that
 /// answers and, for `grpcs://`, completes the TLS handshake.
 pub async fn connect(

@@ -84,6 +84,9 @@ pub struct DialerSettings {
     pub backoff_reset_after: Duration,
     /// Addresses never dialled, checked on every address a host resolves to.
     pub denied_networks: DeniedNetworks,
+    /// At most this many dials at once, each from its TCP connect until its session is
+    /// accepted or fails.
+    pub max_concurrent_dials: usize,
 }
 
 impl Default for DialerSettings {
@@ -99,6 +102,32 @@ impl Default for DialerSettings {
             backoff: Backoff::default(),
             backoff_reset_after: Duration::from_secs(60),
             denied_networks: DeniedNetworks::default(),
+            max_concurrent_dials: 256,
+        }
+    }
+}
+
+/// What every dial of this dialer shares: the settings, turns to dial, and the TLS
+/// configurations (one copy of each, not one per agent).
+pub struct Dialing {
+    /// How dials and sessions behave.
+    pub settings: DialerSettings,
+    /// Dials in progress take a turn each (see [`DialerSettings::max_concurrent_dials`]).
+    pub turns: tokio::sync::Semaphore,
+    /// TLS client configurations shared by agents that trust the same CA.
+    pub tls: connect::TlsConfigs,
+    /// The origin of the grid sessions' heartbeats fall due on.
+    pub epoch: tokio::time::Instant,
+}
+
+impl Dialing {
+    /// Shared state for dials with `settings`.
+    pub fn new(settings: &DialerSettings) -> Self {
+        Self {
+            settings: settings.clone(),
+            turns: tokio::sync::Semaphore::new(settings.max_concurrent_dials.max(1)),
+            tls: connect::TlsConfigs::default(),
+            epoch: tokio::time::Instant::now(),
         }
     }
 }
@@ -144,8 +173,12 @@ pub trait Port: Send + Sync + 'static {
         agent_id: Id,
         token: &str,
     ) -> crate::domain::Result<Result<AgentToken, AgentRefusal>>;
-    /// Whether the token a session was accepted with is still active (not revoked).
-    async fn token_active(&self, agent_id: Id, token_id: Id) -> crate::domain::Result<bool>;
+    /// Which of the tokens sessions were accepted with are still active (not revoked), in one
+    /// read whatever their number.
+    async fn active_tokens(
+        &self,
+        token_ids: &[Id],
+    ) -> crate::domain::Result<std::collections::HashSet<Id>>;
     /// Woken whenever configurations, agents or tokens changed.
     fn changes(&self) -> Arc<Notify>;
     /// The time, from the gateway's clock.
@@ -170,8 +203,11 @@ impl Port for Service {
         self.authenticate_agent(agent_id, token).await
     }
 
-    async fn token_active(&self, agent_id: Id, token_id: Id) -> crate::domain::Result<bool> {
-        self.agent_token_active(agent_id, token_id).await
+    async fn active_tokens(
+        &self,
+        token_ids: &[Id],
+    ) -> crate::domain::Result<std::collections::HashSet<Id>> {
+        self.active_agent_tokens(token_ids).await
     }
 
     fn changes(&self) -> Arc<Notify> {
@@ -220,6 +256,7 @@ async fn reconcile_loop(
 ) {
     let mut running: HashMap<Id, Running> = HashMap::new();
     let mut stopping: HashMap<Id, JoinHandle<()>> = HashMap::new();
+    let dialing = Arc::new(Dialing::new(&settings));
     let changes = port.changes();
     loop {
         stopping.retain(|_, task| !task.is_finished());
@@ -228,7 +265,7 @@ async fn reconcile_loop(
             &port,
             &registry,
             &holding,
-            &settings,
+            &dialing,
             &shutdown,
             &mut running,
             &mut stopping,
@@ -263,7 +300,7 @@ async fn reconcile(
     port: &Arc<dyn Port>,
     registry: &Arc<Registry>,
     held: &Held,
-    settings: &DialerSettings,
+    dialing: &Arc<Dialing>,
     shutdown: &CancellationToken,
     running: &mut HashMap<Id, Running>,
     stopping: &mut HashMap<Id, JoinHandle<()>>,
@@ -293,37 +330,45 @@ async fn reconcile(
         .filter(|c| held.holds(c.agent_id))
         .map(|c| (c.agent_id, c))
         .collect();
-    let mut stop = Vec::new();
-    for (agent_id, session) in running.iter() {
-        match desired.get(agent_id) {
-            Some(config)
-                if *config == session.config
-                    && held.epoch(*agent_id) == session.epoch
-                    && !session.task.is_finished() =>
-            {
-                let token = registry.get(*agent_id).and_then(|c| c.token_id);
-                if let Some(token_id) = token
-                    && !port.token_active(*agent_id, token_id).await?
-                {
-                    tracing::info!(
-                        agent_id,
-                        token_id,
-                        "the agent's token was revoked: hanging up"
-                    );
-                    stop.push(*agent_id);
-                }
+    // First what is no longer held, or changed: hung up before anything else is read, so that
+    // an agent given back to the cluster is free at once.
+    let stop: Vec<Id> = running
+        .iter()
+        .filter(|(agent_id, session)| match desired.get(agent_id) {
+            Some(config) => {
+                *config != session.config
+                    || held.epoch(**agent_id) != session.epoch
+                    || session.task.is_finished()
             }
-            _ => stop.push(*agent_id),
-        }
-    }
-    // Hang up without waiting: a session ends at once when cancelled, and the agent's next
-    // session (if any) waits for it, so the reconciler never waits on one agent.
-    for agent_id in stop {
-        if let Some(session) = running.remove(&agent_id) {
-            session.cancel.cancel();
-            registry.forget(agent_id);
-            stopping.insert(agent_id, session.task);
-        }
+            None => true,
+        })
+        .map(|(agent_id, _)| *agent_id)
+        .collect();
+    hang_up(registry, running, stopping, stop);
+    // Then the tokens the live sessions were accepted with, all in one read.
+    let accepted: Vec<(Id, Id)> = running
+        .keys()
+        .filter_map(|agent_id| {
+            let token_id = registry.get(*agent_id).and_then(|c| c.token_id)?;
+            Some((*agent_id, token_id))
+        })
+        .collect();
+    if !accepted.is_empty() {
+        let token_ids: Vec<Id> = accepted.iter().map(|(_, token_id)| *token_id).collect();
+        let active = port.active_tokens(&token_ids).await?;
+        let revoked: Vec<Id> = accepted
+            .iter()
+            .filter(|(_, token_id)| !active.contains(token_id))
+            .map(|(agent_id, token_id)| {
+                tracing::info!(
+                    agent_id,
+                    token_id,
+                    "the agent's token was revoked: hanging up"
+                );
+                *agent_id
+            })
+            .collect();
+        hang_up(registry, running, stopping, revoked);
     }
     for (agent_id, config) in desired {
         if running.contains_key(&agent_id) {
@@ -333,15 +378,21 @@ async fn reconcile(
         let (requests, requests_rx) = mpsc::channel(16);
         let epoch = held.epoch(agent_id);
         registry.track(agent_id, config.id, &config.url, epoch, requests);
-        let task = tokio::spawn(keep_connected(
+        // Taken before the task starts: the agent counts as dialled from now on.
+        let hold = registry.hold(agent_id);
+        let session = keep_connected(
             Arc::clone(port),
             Arc::clone(registry),
             config.clone(),
-            settings.clone(),
+            Arc::clone(dialing),
             requests_rx,
             cancel.clone(),
             stopping.remove(&agent_id),
-        ));
+        );
+        let task = tokio::spawn(async move {
+            session.await;
+            drop(hold);
+        });
         running.insert(
             agent_id,
             Running {
@@ -355,13 +406,30 @@ async fn reconcile(
     Ok(())
 }
 
+/// Hangs up without waiting: a session ends at once when cancelled, and the agent's next
+/// session (if any) waits for it, so the reconciler never waits on one agent.
+fn hang_up(
+    registry: &Registry,
+    running: &mut HashMap<Id, Running>,
+    stopping: &mut HashMap<Id, JoinHandle<()>>,
+    agents: Vec<Id>,
+) {
+    for agent_id in agents {
+        if let Some(session) = running.remove(&agent_id) {
+            session.cancel.cancel();
+            registry.forget(agent_id);
+            stopping.insert(agent_id, session.task);
+        }
+    }
+}
+
 /// Dials an agent again and again, with backoff, until cancelled; first waits for the agent's
 /// previous session, if one is still ending, so that there are never two.
 async fn keep_connected(
     port: Arc<dyn Port>,
     registry: Arc<Registry>,
     config: UrlConfiguration,
-    settings: DialerSettings,
+    dialing: Arc<Dialing>,
     mut requests: mpsc::Receiver<SessionRequest>,
     cancel: CancellationToken,
     previous: Option<JoinHandle<()>>,
@@ -388,7 +456,7 @@ async fn keep_connected(
             port.as_ref(),
             &registry,
             &config,
-            &settings,
+            &dialing,
             &mut requests,
             &cancel,
         )
@@ -398,7 +466,7 @@ async fn keep_connected(
         }
         let error = match outcome {
             Ok(ended) => {
-                if ended.up_for >= settings.backoff_reset_after {
+                if ended.up_for >= dialing.settings.backoff_reset_after {
                     attempt = 0;
                 }
                 ended
@@ -420,7 +488,7 @@ async fn keep_connected(
             cancel.cancelled().await;
             return;
         }
-        let delay = settings.backoff.delay(attempt, random_unit(&rng));
+        let delay = dialing.settings.backoff.delay(attempt, random_unit(&rng));
         attempt = attempt.saturating_add(1);
         let dial_now = async {
             match &waker {

@@ -5,20 +5,36 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use ring::signature::Ed25519KeyPair;
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Endpoint;
 
-use super::DialerSettings;
+use super::Dialing;
 use super::connect::{self, DialError, Target};
 use super::state::Registry;
 use crate::crypto::jwt;
 use crate::domain::{AgentMetadata, DialCredentials, Phase, UrlConfiguration};
 use crate::proto::agent::v1 as pb;
-use crate::proto::agent::v1::receptive_agent_client::ReceptiveAgentClient;
+use crate::proto::codec::StrictCodec;
+
+/// HTTP/2 flow-control windows of a session. Sessions carry small messages (hellos,
+/// heartbeats, requests and their responses), so 64 KiB is plenty, and it bounds what an
+/// agent can make the gateway buffer (hyper's defaults are 2 MiB a stream and 5 MiB a
+/// connection: 50 GiB in the worst case at 10,000 agents).
+const STREAM_WINDOW: u32 = 64 * 1024;
+/// The connection's window: room for the one stream and the next.
+const CONNECTION_WINDOW: u32 = 2 * STREAM_WINDOW;
+/// At most this much is queued for sending on a session.
+const MAX_SEND_BUFFER: usize = 64 * 1024;
+/// The session stream's encoding and decoding buffers start this small and grow when a
+/// message needs it (tonic's default is 8 KiB each).
+const CODEC_BUFFER: usize = 1024;
+/// Heartbeats fall due on a grid of this step (or of the interval, when shorter).
+const HEARTBEAT_GRID: Duration = Duration::from_secs(1);
+/// gRPC path of the session call.
+const SESSION_PATH: &str = "/kas_gateway.agent.v1.ReceptiveAgent/Session";
 
 /// A request sent through a live session, with where its response goes.
 pub type SessionRequest = (pb::Request, oneshot::Sender<pb::Response>);
@@ -38,14 +54,73 @@ pub async fn run(
     port: &dyn super::Port,
     registry: &Registry,
     config: &UrlConfiguration,
-    settings: &DialerSettings,
+    dialing: &Dialing,
     requests: &mut mpsc::Receiver<SessionRequest>,
     cancel: &CancellationToken,
 ) -> Result<Ended, DialError> {
     tokio::select! {
         biased;
         () = cancel.cancelled() => Err(DialError::transient("the gateway hung up")),
-        outcome = attempt(port, registry, config, settings, requests, cancel) => outcome,
+        outcome = attempt(port, registry, config, dialing, requests, cancel) => outcome,
+    }
+}
+
+/// The gateway's side of HTTP/2 on a connected stream: hyper's client connection, driven by
+/// a task of its own, without tonic's `Channel` (a request queue with a worker task and
+/// reconnection, none of which a session needs: it is one call, and redialled as a whole).
+#[derive(Clone)]
+struct Http2(hyper::client::conn::http2::SendRequest<tonic::body::Body>);
+
+impl tower::Service<http::Request<tonic::body::Body>> for Http2 {
+    type Response = http::Response<hyper::body::Incoming>;
+    type Error = hyper::Error;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
+        Box::pin(self.0.send_request(request))
+    }
+}
+
+/// Ends the HTTP/2 connection's task when the session ends, however it ends: once the
+/// session's handles are gone the connection closes by itself (GOAWAY, then TLS close); an
+/// agent that holds it up is cut off after [`CLOSE_GRACE`].
+struct Closing(
+    Option<tokio::task::JoinHandle<()>>,
+    Option<super::state::Hold>,
+);
+
+/// How long a connection may take to close after its session ended.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
+
+impl Drop for Closing {
+    fn drop(&mut self) {
+        let Some(task) = self.0.take() else { return };
+        // The agent counts as dialled until its connection has closed.
+        let hold = self.1.take();
+        if task.is_finished() {
+            return;
+        }
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                let abort = task.abort_handle();
+                runtime.spawn(async move {
+                    if tokio::time::timeout(CLOSE_GRACE, task).await.is_err() {
+                        abort.abort();
+                    }
+                    drop(hold);
+                });
+            }
+            Err(_) => task.abort(),
+        }
     }
 }
 
@@ -53,11 +128,21 @@ async fn attempt(
     port: &dyn super::Port,
     registry: &Registry,
     config: &UrlConfiguration,
-    settings: &DialerSettings,
+    dialing: &Dialing,
     requests: &mut mpsc::Receiver<SessionRequest>,
     cancel: &CancellationToken,
 ) -> Result<Ended, DialError> {
+    let settings = &dialing.settings;
     let target = Target::parse(&config.url, config.tls_host.as_deref())?;
+    // Dials take turns (a few hundred at a time) until their session is accepted: at a cold
+    // start with thousands of agents, every handshake then finishes well within its
+    // deadline instead of all of them sharing the CPU and timing out together. Waiting for
+    // a turn has no deadline of its own; cancellation ends it.
+    let turn = dialing
+        .turns
+        .acquire()
+        .await
+        .map_err(|_| DialError::transient("the dialer is stopping"))?;
     let credentials = port
         .credentials(config.id)
         .await
@@ -76,7 +161,7 @@ async fn attempt(
             let signer = Ed25519KeyPair::from_pkcs8_maybe_unchecked(pkcs8)
                 .map_err(|_| DialError::permanent("the configuration's private key is unusable"))?;
             let tls = if target.tls {
-                Some(connect::tls_config(config.ca_cert.as_deref(), None)?)
+                Some(dialing.tls.without_client_cert(config.ca_cert.as_deref())?)
             } else {
                 None
             };
@@ -106,26 +191,33 @@ async fn attempt(
             None => explain_status(status, &target),
         };
 
-    // Hand the connected stream to tonic, once.
-    let slot = Arc::new(std::sync::Mutex::new(Some(io)));
-    let endpoint = Endpoint::from_shared(format!("http://{}", target.authority()))
-        .map_err(|e| DialError::permanent(format!("invalid endpoint: {e}")))?
-        .http2_keep_alive_interval(settings.keepalive)
+    let mut http2 = hyper::client::conn::http2::Builder::new(TokioExecutor::new());
+    http2
+        .timer(TokioTimer::new())
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_send_buf_size(MAX_SEND_BUFFER)
+        .keep_alive_interval(settings.keepalive)
         .keep_alive_timeout(settings.keepalive_timeout)
         .keep_alive_while_idle(true);
-    let channel = tokio::time::timeout(
+    let (sender, connection) = tokio::time::timeout(
         settings.connect_timeout,
-        endpoint.connect_with_connector(tower::service_fn(move |_| {
-            let io = slot.lock().ok().and_then(|mut s| s.take());
-            async move {
-                io.map(TokioIo::new)
-                    .ok_or_else(|| std::io::Error::other("the connection was already used"))
-            }
-        })),
+        http2.handshake::<_, tonic::body::Body>(TokioIo::new(io)),
     )
     .await
     .map_err(|_| DialError::transient("the agent did not start HTTP/2 in time"))?
     .map_err(|e| explain(&e, &target))?;
+    let _connection = Closing(
+        Some(tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%error, "the HTTP/2 connection to the agent ended");
+            }
+        })),
+        Some(registry.hold(config.agent_id)),
+    );
+    let origin = http::Uri::try_from(format!("http://{}", target.authority()))
+        .map_err(|e| DialError::permanent(format!("invalid endpoint: {e}")))?;
+    let mut client = tonic::client::Grpc::with_origin(Http2(sender), origin);
 
     let (outbound, outbound_rx) = mpsc::channel::<pb::GatewayMessage>(16);
     let mut request = tonic::Request::new(ReceiverStream::new(outbound_rx));
@@ -138,13 +230,25 @@ async fn attempt(
         request.metadata_mut().insert("authorization", value);
     }
     // An agent that accepts the connection and then says nothing must not hold the attempt.
-    let response = tokio::time::timeout(
-        settings.hello_timeout,
-        ReceptiveAgentClient::new(channel).session(request),
-    )
-    .await
-    .map_err(|_| DialError::transient("the agent did not answer the session call"))?
-    .map_err(|status| explain_status(&status))?;
+    let call = async {
+        client
+            .ready()
+            .await
+            .map_err(|e| tonic::Status::unavailable(format!("HTTP/2 is not ready: {e}")))?;
+        client
+            .streaming(
+                request,
+                http::uri::PathAndQuery::from_static(SESSION_PATH),
+                StrictCodec::<pb::GatewayMessage, pb::AgentMessage>::with_buffers(
+                    tonic::codec::BufferSettings::new(CODEC_BUFFER, 32 * 1024),
+                ),
+            )
+            .await
+    };
+    let response = tokio::time::timeout(settings.hello_timeout, call)
+        .await
+        .map_err(|_| DialError::transient("the agent did not answer the session call"))?
+        .map_err(|status| explain_status(&status))?;
     let mut inbound = response.into_inner();
 
     // The agent's hello and its token.
@@ -197,6 +301,7 @@ async fn attempt(
         .send(accepted)
         .await
         .map_err(|_| DialError::transient("the agent closed the session"))?;
+    drop(turn);
     let metadata = hello.metadata.unwrap_or_default();
     let now = port.now();
     registry.update(config.agent_id, |c| {
@@ -217,8 +322,14 @@ async fn attempt(
     let up = Instant::now();
     let nonce = AtomicU64::new(0);
     let mut last_pong = Instant::now();
-    let mut heartbeat = tokio::time::interval(settings.heartbeat_interval);
-    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut heartbeat = tokio::time::interval_at(
+        heartbeat_start(dialing.epoch, settings.heartbeat_interval),
+        settings.heartbeat_interval,
+    );
+    // Skipping keeps the ticks on the shared grid.
+    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let cancelled = cancel.cancelled();
+    tokio::pin!(cancelled);
     let mut pending: std::collections::HashMap<u64, oneshot::Sender<pb::Response>> =
         std::collections::HashMap::new();
     let mut next_request = 1u64;
@@ -230,7 +341,7 @@ async fn attempt(
     };
     loop {
         tokio::select! {
-            () = cancel.cancelled() => return ended(None),
+            () = &mut cancelled => return ended(None),
             _ = heartbeat.tick() => {
                 if last_pong.elapsed() > settings.heartbeat_interval * settings.heartbeat_misses {
                     return ended(Some(DialError::transient(format!(
@@ -276,6 +387,22 @@ async fn attempt(
     }
 }
 
+/// The first heartbeat of a session: the next point of a grid shared by every session
+/// (steps of the interval, at most a second, from `epoch`). Sessions' heartbeats then fall due
+/// together, a few times per interval, and the gateway wakes for a batch of them instead of
+/// once per session: at 10,000 agents, waking (scheduling, polling for readiness) costs more
+/// than the heartbeats themselves.
+fn heartbeat_start(epoch: tokio::time::Instant, interval: Duration) -> tokio::time::Instant {
+    let now = tokio::time::Instant::now();
+    let grid = interval.min(HEARTBEAT_GRID).as_nanos().max(1);
+    let since = now.saturating_duration_since(epoch).as_nanos();
+    let next = (since / grid + 1) * grid;
+    u64::try_from(next)
+        .ok()
+        .and_then(|next| epoch.checked_add(Duration::from_nanos(next)))
+        .unwrap_or(now)
+}
+
 fn refused(code: pb::refused::Code, message: &str) -> pb::GatewayMessage {
     pb::GatewayMessage {
         message: Some(pb::gateway_message::Message::Refused(pb::Refused {
@@ -285,7 +412,7 @@ fn refused(code: pb::refused::Code, message: &str) -> pb::GatewayMessage {
     }
 }
 
-fn explain(error: &tonic::transport::Error, target: &Target) -> DialError {
+fn explain(error: &hyper::Error, target: &Target) -> DialError {
     DialError::transient(
         connect::explain_chain(error, &target.server_name)
             .unwrap_or_else(|| format!("cannot open HTTP/2 to the agent: {error}")),

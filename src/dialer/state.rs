@@ -18,6 +18,9 @@ use crate::proto::agent::v1 as pb;
 #[derive(Debug)]
 pub struct Registry {
     replica: String,
+    /// Per agent, the parts of its sessions still alive (dialling loops, sessions, closing
+    /// connections): an agent is given back to the cluster only once it has none.
+    holds: Arc<Mutex<HashMap<Id, usize>>>,
     connections: Mutex<HashMap<Id, Connection>>,
     sessions: Mutex<HashMap<Id, mpsc::Sender<SessionRequest>>>,
     wakers: Mutex<HashMap<Id, Arc<Notify>>>,
@@ -30,6 +33,7 @@ impl Registry {
         let (changes, _) = broadcast::channel(1024);
         Self {
             replica: replica.into(),
+            holds: Arc::new(Mutex::new(HashMap::new())),
             connections: Mutex::new(HashMap::new()),
             sessions: Mutex::new(HashMap::new()),
             wakers: Mutex::new(HashMap::new()),
@@ -157,6 +161,27 @@ impl Registry {
         self.waker(agent_id).map(|w| w.notify_one()).is_some()
     }
 
+    /// Marks something of an agent's session as alive until the returned hold is dropped.
+    pub fn hold(&self, agent_id: Id) -> Hold {
+        let mut holds = match self.holds.lock() {
+            Ok(holds) => holds,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        *holds.entry(agent_id).or_insert(0) += 1;
+        Hold {
+            agent_id,
+            holds: Arc::clone(&self.holds),
+        }
+    }
+
+    /// Whether anything of a session with `agent_id` is still alive here.
+    pub fn is_dialling(&self, agent_id: Id) -> bool {
+        match self.holds.lock() {
+            Ok(holds) => holds.contains_key(&agent_id),
+            Err(poisoned) => poisoned.into_inner().contains_key(&agent_id),
+        }
+    }
+
     /// Stops tracking an agent.
     pub fn forget(&self, agent_id: Id) {
         match self.wakers.lock() {
@@ -187,6 +212,34 @@ impl Registry {
     /// A feed of every change from now on.
     pub fn subscribe(&self) -> broadcast::Receiver<Connection> {
         self.changes.subscribe()
+    }
+}
+
+/// Part of an agent's session, alive until dropped (see [`Registry::hold`]).
+#[derive(Debug)]
+pub struct Hold {
+    agent_id: Id,
+    holds: Arc<Mutex<HashMap<Id, usize>>>,
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        let mut holds = match self.holds.lock() {
+            Ok(holds) => holds,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if let Some(count) = holds.get_mut(&self.agent_id) {
+            *count -= 1;
+            if *count == 0 {
+                holds.remove(&self.agent_id);
+            }
+        }
+    }
+}
+
+impl crate::cluster::Dialling for Registry {
+    fn is_dialling(&self, agent_id: Id) -> bool {
+        Registry::is_dialling(self, agent_id)
     }
 }
 

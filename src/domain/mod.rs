@@ -2,6 +2,7 @@
 
 mod destinations;
 mod error;
+pub mod last_used;
 mod model;
 mod service;
 mod sessions;

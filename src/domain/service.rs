@@ -11,6 +11,7 @@ use super::model::*;
 use super::validate::{self, AgentHost, AgentUrl, UrlProblem};
 use tokio::sync::Notify;
 
+use super::last_used::LastUsed;
 use super::sessions::{Connection, NoSessions, Sessions};
 use crate::clock::SharedClock;
 use crate::crypto::envelope::Place;
@@ -231,6 +232,7 @@ pub struct Service {
     sessions: Arc<dyn Sessions>,
     changed: Arc<Notify>,
     rebalance: Arc<Notify>,
+    last_used: LastUsed,
 }
 
 impl std::fmt::Debug for Service {
@@ -250,6 +252,7 @@ impl Service {
         settings: Settings,
     ) -> Self {
         Self {
+            last_used: LastUsed::new(Arc::clone(&store)),
             store,
             clock,
             rng: Arc::new(crypto::system_random()),
@@ -313,7 +316,8 @@ impl Service {
     }
 
     /// Checks the token an agent presents after the gateway dialled `agent_id`; success
-    /// records its use (at most one write a minute).
+    /// records its use (at most once a minute per token), written in the background within
+    /// about a second together with other agents' (see [`super::last_used`]).
     pub async fn authenticate_agent(
         &self,
         agent_id: Id,
@@ -330,13 +334,32 @@ impl Service {
         if token.agent_id != agent_id {
             return Ok(Err(AgentRefusal::WrongAgent));
         }
-        self.store.touch_agent_token(token.id, self.now()).await?;
+        let now = self.now();
+        if token
+            .last_used_at
+            .is_none_or(|last| now.as_millis() - last.as_millis() >= 60_000)
+        {
+            self.last_used.record(token.id, now);
+        }
         Ok(Ok(token))
     }
 
-    /// Whether an agent token can still authenticate its agent.
-    pub async fn agent_token_active(&self, agent_id: Id, token_id: Id) -> Result<bool> {
-        Ok(self.store.agent_token(agent_id, token_id).await?.is_some())
+    /// Writes the agent token uses not yet written (at shutdown, before the store closes).
+    pub async fn flush_token_uses(&self) {
+        self.last_used.flush().await;
+    }
+
+    /// Which of `token_ids` can still authenticate their agents.
+    pub async fn active_agent_tokens(
+        &self,
+        token_ids: &[Id],
+    ) -> Result<std::collections::HashSet<Id>> {
+        Ok(self
+            .store
+            .active_agent_tokens(token_ids)
+            .await?
+            .into_iter()
+            .collect())
     }
 
     /// An agent's connection state (Developer); 404 when it has no URL configuration.

@@ -395,6 +395,11 @@ pub trait Store: Send + Sync + 'static {
     /// Records that a token authenticated an agent at `at`, unless it did so within the
     /// last minute (one write per token per minute at most).
     async fn touch_agent_token(&self, token_id: Id, at: Timestamp) -> Result<()>;
+    /// [`Store::touch_agent_token`] for many tokens in one statement (`(token id, time)`,
+    /// each id once), so that session starts never queue behind each other's writes.
+    async fn touch_agent_tokens(&self, uses: &[(Id, Timestamp)]) -> Result<()>;
+    /// Which of `token_ids` are active agent tokens (not revoked), in one statement.
+    async fn active_agent_tokens(&self, token_ids: &[Id]) -> Result<Vec<Id>>;
     /// Every sealed secret, for re-encryption.
     async fn sealed_secrets(&self) -> Result<Vec<SealedSecret>>;
     /// Replaces a sealed secret if it is still `old`; false when it changed or went away.

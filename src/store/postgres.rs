@@ -26,6 +26,16 @@ pub struct PgStore {
 impl PgStore {
     const BACKEND: &'static str = "postgres";
 
+    /// The batched `last_used_at` update; `$1` is a JSON array of `[token id, millis]`.
+    const TOUCH_AGENT_TOKENS: &'static str = "UPDATE cluster_agent_tokens t SET last_used_at = u.at \
+         FROM (SELECT (e->>0)::bigint AS id, (e->>1)::bigint AS at \
+               FROM json_array_elements($1::json) AS e) AS u \
+         WHERE t.id = u.id AND (t.last_used_at IS NULL OR t.last_used_at <= u.at - 60000)";
+
+    const ACTIVE_AGENT_TOKENS: &'static str = "SELECT t.id FROM cluster_agent_tokens t \
+         JOIN json_array_elements_text($1::json) AS e(id) ON t.id = e.id::bigint \
+         WHERE t.status = 'active'";
+
     /// Connects to the database named by `url`.
     pub async fn connect(url: &str, max_connections: u32) -> anyhow::Result<Self> {
         let options: PgConnectOptions = url.parse()?;

@@ -1341,6 +1341,33 @@ macro_rules! sql_store {
                 Ok(())
             }
 
+            async fn touch_agent_tokens(&self, uses: &[(Id, Timestamp)]) -> Result<()> {
+                if uses.is_empty() {
+                    return Ok(());
+                }
+                // One parameter whatever the batch size: `[[id, millis], ...]`.
+                let pairs: Vec<[i64; 2]> =
+                    uses.iter().map(|(id, at)| [*id, at.as_millis()]).collect();
+                let json = serde_json::to_string(&pairs).map_err(Error::other)?;
+                sqlx::query(Self::TOUCH_AGENT_TOKENS)
+                    .bind(json)
+                    .execute(&self.pool)
+                    .await?;
+                Ok(())
+            }
+
+            async fn active_agent_tokens(&self, token_ids: &[Id]) -> Result<Vec<Id>> {
+                if token_ids.is_empty() {
+                    return Ok(Vec::new());
+                }
+                // One parameter whatever the number: a JSON array of ids.
+                let json = serde_json::to_string(token_ids).map_err(Error::other)?;
+                Ok(sqlx::query_scalar(Self::ACTIVE_AGENT_TOKENS)
+                    .bind(json)
+                    .fetch_all(&self.pool)
+                    .await?)
+            }
+
             async fn sealed_secrets(&self) -> Result<Vec<SealedSecret>> {
                 let rows: Vec<SealedRow> = sqlx::query_as(
                     "SELECT id, private_key, client_key FROM agent_url_configurations ORDER BY id",

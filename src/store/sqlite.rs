@@ -27,6 +27,18 @@ pub struct SqliteStore {
 impl SqliteStore {
     const BACKEND: &'static str = "sqlite";
 
+    /// The batched `last_used_at` update; `$1` is a JSON array of `[token id, millis]`.
+    const TOUCH_AGENT_TOKENS: &'static str = "UPDATE cluster_agent_tokens SET last_used_at = u.at \
+         FROM (SELECT json_extract(value, '$[0]') AS id, json_extract(value, '$[1]') AS at \
+               FROM json_each($1)) AS u \
+         WHERE cluster_agent_tokens.id = u.id \
+           AND (cluster_agent_tokens.last_used_at IS NULL \
+                OR cluster_agent_tokens.last_used_at <= u.at - 60000)";
+
+    const ACTIVE_AGENT_TOKENS: &'static str = "SELECT t.id FROM cluster_agent_tokens t \
+         JOIN json_each($1) AS e ON t.id = e.value \
+         WHERE t.status = 'active'";
+
     /// Opens (creating if missing, mode 0600) the database file named by `url`.
     pub async fn connect(url: &str, max_connections: u32) -> anyhow::Result<Self> {
         let options = SqliteConnectOptions::from_str(url)?;
