@@ -335,6 +335,24 @@ async fn tls_and_credential_errors_in_plain_words(#[values(Backend::Sqlite)] bac
         error_contains("rejected the client certificate"),
     )
     .await;
+    // Under TLS 1.3 the agent's refusal of the client certificate arrives after the
+    // handshake, on the first read: every attempt must still say so, not "transport error".
+    let mut seen = std::collections::BTreeSet::new();
+    let deadline = Instant::now() + Duration::from_secs(6);
+    while Instant::now() < deadline {
+        let state = connection(&gw, project, a3).await;
+        if let Some(error) = state["last_error"].as_str() {
+            seen.insert(error.to_owned());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        !seen.is_empty()
+            && seen
+                .iter()
+                .all(|e| e.starts_with("TLS: the agent rejected the client certificate")),
+        "errors seen for a rejected client certificate: {seen:?}"
+    );
     wait_for(&gw, project, a4, error_contains("connection refused")).await;
     wait_for(
         &gw,
@@ -830,4 +848,124 @@ async fn a_database_outage_never_fails_an_agent(#[values(Backend::Postgres)] bac
     let sim = AgentSim::start(sim, listener).unwrap();
     wait_for(&gw, project, agent, is("connected")).await;
     sim.stop().await;
+}
+
+/// An agent that answers the session call but misbehaves: sends `first` instead of a hello
+/// (or nothing at all), and records what the gateway sends it.
+#[derive(Clone)]
+struct Misbehaving {
+    first: Option<pb::AgentMessage>,
+    received: Arc<std::sync::Mutex<Vec<pb::GatewayMessage>>>,
+}
+
+type MisbehavingStream = std::pin::Pin<
+    Box<dyn tokio_stream::Stream<Item = Result<pb::AgentMessage, tonic::Status>> + Send>,
+>;
+
+#[tonic::async_trait]
+impl pb::receptive_agent_server::ReceptiveAgent for Misbehaving {
+    type SessionStream = MisbehavingStream;
+
+    async fn session(
+        &self,
+        request: tonic::Request<tonic::Streaming<pb::GatewayMessage>>,
+    ) -> Result<tonic::Response<Self::SessionStream>, tonic::Status> {
+        let mut inbound = request.into_inner();
+        let received = Arc::clone(&self.received);
+        tokio::spawn(async move {
+            while let Ok(Some(message)) = inbound.message().await {
+                received.lock().unwrap().push(message);
+            }
+        });
+        let first = self.first.clone();
+        let outbound = async_stream_once(first);
+        Ok(tonic::Response::new(outbound))
+    }
+}
+
+/// `first` (if any), then silence until the gateway hangs up.
+fn async_stream_once(first: Option<pb::AgentMessage>) -> MisbehavingStream {
+    use tokio_stream::StreamExt;
+    let head = tokio_stream::iter(first.into_iter().map(Ok));
+    Box::pin(head.chain(tokio_stream::pending()))
+}
+
+async fn misbehaving_agent(first: Option<pb::AgentMessage>) -> (u16, Misbehaving) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let agent = Misbehaving {
+        first,
+        received: Arc::default(),
+    };
+    let service = pb::receptive_agent_server::ReceptiveAgentServer::new(agent.clone());
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    (port, agent)
+}
+
+/// An agent that starts with anything but a hello is told why (`Refused`, code `PROTOCOL`)
+/// and can read it before the stream ends; one that never says hello is hung up after the
+/// hello timeout, and `last_error` says so.
+#[rstest]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_that_do_not_say_hello(#[values(Backend::Sqlite)] backend: Backend) {
+    let Some(gw) = fast_gateway(backend).await else {
+        return;
+    };
+    let pong = pb::AgentMessage {
+        message: Some(pb::agent_message::Message::Pong(pb::Pong { nonce: 7 })),
+    };
+    let (port, rude) = misbehaving_agent(Some(pong)).await;
+    let (project, agent, _) = new_agent(&gw, "rude").await;
+    configure(
+        &gw,
+        project,
+        agent,
+        json!({"url": format!("grpc://127.0.0.1:{port}")}),
+    )
+    .await;
+    wait_for(
+        &gw,
+        project,
+        agent,
+        error_contains("the agent did not start with a hello"),
+    )
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let refusal = loop {
+        let found = rude
+            .received
+            .lock()
+            .unwrap()
+            .iter()
+            .find_map(|m| match &m.message {
+                Some(pb::gateway_message::Message::Refused(refused)) => Some(refused.clone()),
+                _ => None,
+            });
+        if let Some(refused) = found {
+            break refused;
+        }
+        assert!(Instant::now() < deadline, "the agent never read a refusal");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(refusal.code(), pb::refused::Code::Protocol);
+    assert_eq!(refusal.message, "expected a hello");
+
+    let (port, _silent) = misbehaving_agent(None).await;
+    let (_, agent, _) = new_agent(&gw, "mute").await;
+    configure(
+        &gw,
+        project,
+        agent,
+        json!({"url": format!("grpc://127.0.0.1:{port}")}),
+    )
+    .await;
+    let state = wait_for(&gw, project, agent, error_contains("hello")).await;
+    assert_eq!(
+        state["last_error"],
+        "the agent sent no hello within 2 s (the hello timeout)"
+    );
 }

@@ -254,15 +254,23 @@ async fn attempt(
     // The agent's hello and its token.
     let hello = tokio::time::timeout(settings.hello_timeout, inbound.message())
         .await
-        .map_err(|_| DialError::transient("the agent sent no hello"))?
+        .map_err(|_| {
+            DialError::transient(format!(
+                "the agent sent no hello within {} s (the hello timeout)",
+                settings.hello_timeout.as_secs_f64()
+            ))
+        })?
         .map_err(|status| explain_status(&status))?;
     let Some(pb::AgentMessage {
         message: Some(pb::agent_message::Message::Hello(hello)),
     }) = hello
     else {
-        let _ = outbound
-            .send(refused(pb::refused::Code::Protocol, "expected a hello"))
-            .await;
+        refuse(
+            outbound,
+            &mut inbound,
+            refused(pb::refused::Code::Protocol, "expected a hello"),
+        )
+        .await;
         return Err(DialError::transient("the agent did not start with a hello"));
     };
     let accepted = port
@@ -276,13 +284,7 @@ async fn attempt(
                 crate::domain::AgentRefusal::InvalidToken => pb::refused::Code::InvalidToken,
                 crate::domain::AgentRefusal::WrongAgent => pb::refused::Code::WrongAgent,
             };
-            let _ = outbound.send(refused(code, refusal.message())).await;
-            // Let the agent read the refusal before the stream goes away.
-            drop(outbound);
-            let _ = tokio::time::timeout(Duration::from_secs(1), async {
-                while let Ok(Some(_)) = inbound.message().await {}
-            })
-            .await;
+            refuse(outbound, &mut inbound, refused(code, refusal.message())).await;
             return Err(DialError::transient(format!(
                 "agent token rejected: {}",
                 refusal.message()
@@ -401,6 +403,21 @@ fn heartbeat_start(epoch: tokio::time::Instant, interval: Duration) -> tokio::ti
         .ok()
         .and_then(|next| epoch.checked_add(Duration::from_nanos(next)))
         .unwrap_or(now)
+}
+
+/// Sends a refusal and ends the gateway's side, then lets the agent read it (up to a second)
+/// before the stream goes away.
+async fn refuse(
+    outbound: mpsc::Sender<pb::GatewayMessage>,
+    inbound: &mut tonic::Streaming<pb::AgentMessage>,
+    refusal: pb::GatewayMessage,
+) {
+    let _ = outbound.send(refusal).await;
+    drop(outbound);
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        while let Ok(Some(_)) = inbound.message().await {}
+    })
+    .await;
 }
 
 fn refused(code: pb::refused::Code, message: &str) -> pb::GatewayMessage {
