@@ -493,6 +493,35 @@ async fn run_admin(
     Ok(())
 }
 
+/// Refuses an agent token or a public key that cannot be valid (such as the `null` that `jq -r`
+/// prints for a missing field), rather than serving an agent every gateway would refuse.
+fn check_sim_credentials(token: &str, jwt_public_key: Option<&str>) -> anyhow::Result<()> {
+    use base64::Engine;
+    let prefix = kas_gateway::crypto::AGENT_TOKEN_PREFIX;
+    let valid_token = token.len() > prefix.len() + 16
+        && token.starts_with(prefix)
+        && token[prefix.len()..]
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if !valid_token {
+        // Not echoed: it may be a real token with a typo.
+        anyhow::bail!(
+            "the agent token given is not one (agent tokens start with {prefix} and are shown \
+             once, when the token is created)"
+        );
+    }
+    if let Some(key) = jwt_public_key {
+        let decoded = base64::engine::general_purpose::STANDARD.decode(key.trim());
+        if decoded.map(|k| k.len()) != Ok(32) {
+            anyhow::bail!(
+                "the JWT public key given is not one (it is the URL configuration's \
+                 public_key: base64 of 32 bytes)"
+            );
+        }
+    }
+    Ok(())
+}
+
 async fn run_agent_sim(args: AgentSimArgs) -> anyhow::Result<()> {
     use kas_gateway::agent_sim::{AgentSim, AgentSimConfig};
     let read = |path: &std::path::PathBuf| {
@@ -514,13 +543,17 @@ async fn run_agent_sim(args: AgentSimArgs) -> anyhow::Result<()> {
                 .parse()
                 .with_context(|| format!("line {}: {port:?} is not a port", n + 1))?;
             let addr = std::net::SocketAddr::new(args.listen.ip(), port);
-            agents.push((addr, token.to_owned(), fields.next().map(str::to_owned)));
+            let key = fields.next().map(str::to_owned);
+            check_sim_credentials(token, key.as_deref())
+                .with_context(|| format!("{} line {}", file.display(), n + 1))?;
+            agents.push((addr, token.to_owned(), key));
         }
     } else {
         let token = args
             .token
             .clone()
             .context("give --token (or --agents-file)")?;
+        check_sim_credentials(&token, args.jwt_public_key.as_deref())?;
         agents.push((args.listen, token, args.jwt_public_key.clone()));
     }
     let mut sims = Vec::new();

@@ -695,3 +695,35 @@ async fn one_serve_per_sqlite_data_directory() {
         "{stderr}"
     );
 }
+
+/// `agent-sim` refuses a token or a key that cannot be valid, such as the `null` that `jq -r`
+/// prints for a missing field, instead of serving an agent that every gateway refuses.
+#[test]
+fn agent_sim_refuses_impossible_credentials() {
+    let token = "glagent-0123456789abcdefghijklmnopqrstuvwxyz";
+    for (args, says) in [
+        (vec!["--token", "null"], "not one"),
+        (vec!["--token", "glagent-"], "not one"),
+        (
+            vec!["--token", token, "--jwt-public-key", "null"],
+            "public_key",
+        ),
+        (
+            vec!["--token", token, "--jwt-public-key", "AAAA"],
+            "public_key",
+        ),
+    ] {
+        let output = Command::new(BIN)
+            .args(["agent-sim", "--listen", "127.0.0.1:0"])
+            .args(&args)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{args:?} was accepted");
+        assert!(stderr.contains(says), "{args:?}: {stderr}");
+        assert!(
+            !stderr.contains("glagent-0123"),
+            "the token was echoed: {stderr}"
+        );
+    }
+}
