@@ -911,7 +911,9 @@ async fn misbehaving_agent(first: Option<pb::AgentMessage>) -> (u16, Misbehaving
 /// hello timeout, and `last_error` says so.
 #[rstest]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn agents_that_do_not_say_hello(#[values(Backend::Sqlite)] backend: Backend) {
+async fn agents_that_do_not_say_hello(
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+) {
     let Some(gw) = fast_gateway(backend).await else {
         return;
     };
