@@ -281,7 +281,9 @@ fn as_gitlab_signs(issuer: &str) -> tonic::Request<pb::ListUrlConfigurationsRequ
 
 #[rstest]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn calls_signed_as_gitlab_signs_them(#[values(Backend::Sqlite)] backend: Backend) {
+async fn calls_signed_as_gitlab_signs_them(
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+) {
     // By default any host name is GitLab's.
     let Some(gw) = gateway(backend).await else {
         return;
