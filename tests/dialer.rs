@@ -971,3 +971,68 @@ async fn agents_that_do_not_say_hello(
         "the agent sent no hello within 2 s (the hello timeout)"
     );
 }
+
+/// After a restart the dialer reads the credentials of every agent in one go; a secret that
+/// cannot be decrypted fails its own agent only, and the others connect.
+#[rstest]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_bad_secret_fails_only_its_agent(
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+) {
+    let Some(mut gw) = fast_gateway(backend).await else {
+        return;
+    };
+    let pki = pki();
+    let mut agents = Vec::new();
+    let mut sims = Vec::new();
+    for name in ["good", "bad"] {
+        let client = pki.ca.client("gateway", now()).unwrap();
+        let (project, agent, token) = new_agent(&gw, name).await;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let mut sim = sim_config(&gw, &token);
+        sim.tls = Some((pki.server.cert.clone(), pki.server.key.clone()));
+        sim.client_ca = Some(pki.ca.pair().cert);
+        sims.push(AgentSim::start(sim, listener).unwrap());
+        let config = configure(
+            &gw,
+            project,
+            agent,
+            json!({
+                "url": format!("grpcs://127.0.0.1:{port}"), "ca_cert": pki.ca.pair().cert,
+                "client_cert": client.cert, "client_key": client.key,
+            }),
+        )
+        .await;
+        wait_for(&gw, project, agent, is("connected")).await;
+        agents.push((project, agent, config["id"].as_i64().unwrap()));
+    }
+    gw.stop().await;
+    let store = kas_gateway::store::connect(gw.config.database_url.expose(), 1)
+        .await
+        .unwrap();
+    let sealed = store
+        .url_configuration_secret(agents[1].2)
+        .await
+        .unwrap()
+        .unwrap();
+    let mut spoiled = sealed.envelope.clone();
+    let last = spoiled.len() - 1;
+    spoiled[last] ^= 1;
+    assert!(
+        store
+            .replace_sealed_secret(&sealed, &spoiled)
+            .await
+            .unwrap()
+    );
+    drop(store);
+    gw.restart().await;
+    let (project, agent, _) = agents[0];
+    wait_for(&gw, project, agent, is("connected")).await;
+    let (project, agent, _) = agents[1];
+    wait_for(&gw, project, agent, error_contains("cannot be decrypted")).await;
+    assert_eq!(connection(&gw, project, agent).await["state"], "failed");
+    for sim in sims {
+        sim.stop().await;
+    }
+}

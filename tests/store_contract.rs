@@ -514,3 +514,67 @@ async fn agent_token_use_batcher(#[values(Backend::Sqlite, Backend::Postgres)] b
     batcher.flush().await;
     assert_eq!(last_used(ids[1]).await, Some(at(3_000)));
 }
+
+/// The sealed secrets of many URL configurations come back in one read, each from its own
+/// column and row; ids without a configuration are left out.
+#[rstest]
+#[tokio::test]
+async fn url_configuration_secrets_in_one_read(
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+) {
+    use kas_gateway::domain::SecretColumn;
+    use kas_gateway::store::NewUrlConfiguration;
+    let s = subject!(backend);
+    let (project, first) = project_with_agent(&s.store).await;
+    let second = s
+        .store
+        .register_agent(project, "b", 1, START)
+        .await
+        .unwrap()
+        .id;
+    let mut configs = Vec::new();
+    for (agent, column, public_key, client_cert) in [
+        (first, SecretColumn::PrivateKey, Some("public key"), None),
+        (second, SecretColumn::ClientKey, None, Some("client cert")),
+    ] {
+        let config = s
+            .store
+            .create_url_configuration(
+                NewUrlConfiguration {
+                    agent_id: agent,
+                    project_id: project,
+                    url: "grpcs://agent.example.com".into(),
+                    public_key: public_key.map(String::from),
+                    client_cert: client_cert.map(String::from),
+                    ca_cert: None,
+                    tls_host: None,
+                    secret_column: column,
+                    created_by_user_id: 1,
+                    created_at: START,
+                },
+                &|row| Ok(format!("sealed {row}").into_bytes()),
+            )
+            .await
+            .unwrap();
+        configs.push((config.id, column));
+    }
+    let ids: Vec<i64> = configs.iter().map(|(id, _)| *id).chain([9_999]).collect();
+    let mut secrets = s.store.url_configuration_secrets(&ids).await.unwrap();
+    secrets.sort_by_key(|secret| secret.row);
+    let found: Vec<(i64, SecretColumn, Vec<u8>)> = secrets
+        .into_iter()
+        .map(|secret| (secret.row, secret.column, secret.envelope))
+        .collect();
+    let expected: Vec<(i64, SecretColumn, Vec<u8>)> = configs
+        .iter()
+        .map(|(id, column)| (*id, *column, format!("sealed {id}").into_bytes()))
+        .collect();
+    assert_eq!(found, expected);
+    assert!(
+        s.store
+            .url_configuration_secrets(&[])
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}

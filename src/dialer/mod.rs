@@ -167,6 +167,12 @@ pub trait Port: Send + Sync + 'static {
     async fn configurations(&self) -> crate::domain::Result<Vec<UrlConfiguration>>;
     /// The decrypted credentials of a configuration.
     async fn credentials(&self, config_id: Id) -> crate::domain::Result<DialCredentials>;
+    /// The decrypted credentials of many configurations in a few reads (one per thousand):
+    /// `Err` when the store could not be read, else a result per configuration found.
+    async fn credentials_of(
+        &self,
+        config_ids: &[Id],
+    ) -> crate::domain::Result<HashMap<Id, crate::domain::Result<DialCredentials>>>;
     /// Checks the token an agent presented after being dialled as `agent_id`.
     async fn check_agent_token(
         &self,
@@ -193,6 +199,13 @@ impl Port for Service {
 
     async fn credentials(&self, config_id: Id) -> crate::domain::Result<DialCredentials> {
         self.dial_credentials(config_id).await
+    }
+
+    async fn credentials_of(
+        &self,
+        config_ids: &[Id],
+    ) -> crate::domain::Result<HashMap<Id, crate::domain::Result<DialCredentials>>> {
+        self.dial_credentials_of(config_ids).await
     }
 
     async fn check_agent_token(
@@ -370,10 +383,25 @@ async fn reconcile(
             .collect();
         hang_up(registry, running, stopping, revoked);
     }
-    for (agent_id, config) in desired {
-        if running.contains_key(&agent_id) {
-            continue;
-        }
+    let new: Vec<(Id, UrlConfiguration)> = desired
+        .into_iter()
+        .filter(|(agent_id, _)| !running.contains_key(agent_id))
+        .collect();
+    // The new sessions' first credentials, read together: at a cold start that is a few
+    // reads instead of one per agent. Without them (the store is away), each session reads
+    // its own, as it does on every later attempt.
+    let mut first_credentials = if new.is_empty() {
+        HashMap::new()
+    } else {
+        let config_ids: Vec<Id> = new.iter().map(|(_, config)| config.id).collect();
+        port.credentials_of(&config_ids)
+            .await
+            .unwrap_or_else(|error| {
+                tracing::warn!(%error, "cannot read the new sessions' credentials together");
+                HashMap::new()
+            })
+    };
+    for (agent_id, config) in new {
         let cancel = shutdown.child_token();
         let (requests, requests_rx) = mpsc::channel(16);
         let epoch = held.epoch(agent_id);
@@ -384,6 +412,7 @@ async fn reconcile(
             Arc::clone(port),
             Arc::clone(registry),
             config.clone(),
+            first_credentials.remove(&config.id),
             Arc::clone(dialing),
             requests_rx,
             cancel.clone(),
@@ -424,11 +453,15 @@ fn hang_up(
 }
 
 /// Dials an agent again and again, with backoff, until cancelled; first waits for the agent's
-/// previous session, if one is still ending, so that there are never two.
+/// previous session, if one is still ending, so that there are never two. The first attempt
+/// uses `first_credentials` when given; every later one reads them again, so that a changed or
+/// re-encrypted secret is picked up after a failure.
+#[allow(clippy::too_many_arguments)]
 async fn keep_connected(
     port: Arc<dyn Port>,
     registry: Arc<Registry>,
     config: UrlConfiguration,
+    mut first_credentials: Option<crate::domain::Result<DialCredentials>>,
     dialing: Arc<Dialing>,
     mut requests: mpsc::Receiver<SessionRequest>,
     cancel: CancellationToken,
@@ -456,6 +489,7 @@ async fn keep_connected(
             port.as_ref(),
             &registry,
             &config,
+            first_credentials.take(),
             &dialing,
             &mut requests,
             &cancel,

@@ -48,12 +48,13 @@ pub struct Ended {
 }
 
 /// Dials once and runs the session. `Err` when it never came up. Every step (reading the
-/// credentials, DNS, TCP, TLS, HTTP/2, the session call, the hello) ends at once when
-/// `cancel` is cancelled, and each has its own deadline.
+/// credentials unless `credentials` brings them, DNS, TCP, TLS, HTTP/2, the session call, the
+/// hello) ends at once when `cancel` is cancelled, and each has its own deadline.
 pub async fn run(
     port: &dyn super::Port,
     registry: &Registry,
     config: &UrlConfiguration,
+    credentials: Option<crate::domain::Result<DialCredentials>>,
     dialing: &Dialing,
     requests: &mut mpsc::Receiver<SessionRequest>,
     cancel: &CancellationToken,
@@ -61,7 +62,7 @@ pub async fn run(
     tokio::select! {
         biased;
         () = cancel.cancelled() => Err(DialError::transient("the gateway hung up")),
-        outcome = attempt(port, registry, config, dialing, requests, cancel) => outcome,
+        outcome = attempt(port, registry, config, credentials, dialing, requests, cancel) => outcome,
     }
 }
 
@@ -128,6 +129,7 @@ async fn attempt(
     port: &dyn super::Port,
     registry: &Registry,
     config: &UrlConfiguration,
+    credentials: Option<crate::domain::Result<DialCredentials>>,
     dialing: &Dialing,
     requests: &mut mpsc::Receiver<SessionRequest>,
     cancel: &CancellationToken,
@@ -143,10 +145,11 @@ async fn attempt(
         .acquire()
         .await
         .map_err(|_| DialError::transient("the dialer is stopping"))?;
-    let credentials = port
-        .credentials(config.id)
-        .await
-        .map_err(|e| match e {
+    let credentials = match credentials {
+        Some(credentials) => credentials,
+        None => port.credentials(config.id).await,
+    };
+    let credentials = credentials.map_err(|e| match e {
             // The database being away says nothing about the configuration: try again.
             crate::domain::Error::Unavailable(_) => {
                 DialError::transient("the database is unavailable: cannot read the credentials")

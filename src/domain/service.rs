@@ -1,5 +1,6 @@
 //! The operations the transports call: authentication, roles, validation, then the store.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use ring::rand::SystemRandom;
@@ -41,6 +42,10 @@ const ROTATED_TOKEN_DAYS: i64 = 7;
 
 /// At most this many active tokens per agent.
 pub const AGENT_TOKEN_LIMIT: i64 = 2;
+
+/// How many configurations' credentials [`Service::dial_credentials_of`] reads in one
+/// statement: bounds the statement's parameter and each result set.
+pub const DIAL_CREDENTIALS_CHUNK: usize = 1_000;
 
 /// What a request intends to do, which decides the scope it needs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -1398,6 +1403,27 @@ impl Service {
             .url_configuration_secret(config_id)
             .await?
             .ok_or(Error::NotFound(Missing::Resource))?;
+        self.open_dial_credentials(&sealed)
+    }
+
+    /// The decrypted credentials of many URL configurations, read in one statement per
+    /// [`DIAL_CREDENTIALS_CHUNK`] ids. `Err` when the store could not be read; otherwise a
+    /// result per configuration found, so that one secret that cannot be decrypted fails only
+    /// its own configuration. Ids without a configuration are left out.
+    pub async fn dial_credentials_of(
+        &self,
+        config_ids: &[Id],
+    ) -> Result<HashMap<Id, Result<DialCredentials>>> {
+        let mut credentials = HashMap::with_capacity(config_ids.len());
+        for chunk in config_ids.chunks(DIAL_CREDENTIALS_CHUNK) {
+            for sealed in self.store.url_configuration_secrets(chunk).await? {
+                credentials.insert(sealed.row, self.open_dial_credentials(&sealed));
+            }
+        }
+        Ok(credentials)
+    }
+
+    fn open_dial_credentials(&self, sealed: &SealedSecret) -> Result<DialCredentials> {
         let plaintext = self.secrets.open(
             &sealed.envelope,
             Place {

@@ -377,6 +377,9 @@ pub trait Store: Send + Sync + 'static {
     async fn delete_url_configuration(&self, agent_id: Id, id: Id) -> Result<bool>;
     /// The sealed secret of a URL configuration.
     async fn url_configuration_secret(&self, id: Id) -> Result<Option<SealedSecret>>;
+    /// The sealed secrets of many URL configurations in one statement, one per configuration
+    /// found (in `row`); ids without a configuration are left out.
+    async fn url_configuration_secrets(&self, ids: &[Id]) -> Result<Vec<SealedSecret>>;
     /// An agent by id, whatever its project.
     async fn agent_by_id(&self, agent_id: Id) -> Result<Option<Agent>>;
     /// A URL configuration by id.

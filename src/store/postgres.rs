@@ -36,6 +36,10 @@ impl PgStore {
          JOIN json_array_elements_text($1::json) AS e(id) ON t.id = e.id::bigint \
          WHERE t.status = 'active'";
 
+    /// The sealed secrets of the configurations whose ids `$1` (a JSON array) lists.
+    const URL_CONFIGURATION_SECRETS: &'static str = "SELECT c.id, c.private_key, c.client_key FROM agent_url_configurations c \
+         JOIN json_array_elements_text($1::json) AS e(id) ON c.id = e.id::bigint";
+
     /// Connects to the database named by `url`.
     pub async fn connect(url: &str, max_connections: u32) -> anyhow::Result<Self> {
         let options: PgConnectOptions = url.parse()?;

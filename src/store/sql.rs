@@ -1256,6 +1256,22 @@ macro_rules! sql_store {
                 Ok(row.and_then(|row| row.into_secrets().next()))
             }
 
+            async fn url_configuration_secrets(&self, ids: &[Id]) -> Result<Vec<SealedSecret>> {
+                if ids.is_empty() {
+                    return Ok(Vec::new());
+                }
+                // One parameter whatever the number: a JSON array of ids.
+                let json = serde_json::to_string(ids).map_err(Error::other)?;
+                let rows: Vec<SealedRow> = sqlx::query_as(Self::URL_CONFIGURATION_SECRETS)
+                    .bind(json)
+                    .fetch_all(&self.pool)
+                    .await?;
+                Ok(rows
+                    .into_iter()
+                    .filter_map(|row| row.into_secrets().next())
+                    .collect())
+            }
+
             async fn agent_by_id(&self, agent_id: Id) -> Result<Option<Agent>> {
                 let row: Option<AgentRow> =
                     sqlx::query_as(concat!(agent_select!(), "WHERE a.id = $1"))

@@ -39,6 +39,10 @@ impl SqliteStore {
          JOIN json_each($1) AS e ON t.id = e.value \
          WHERE t.status = 'active'";
 
+    /// The sealed secrets of the configurations whose ids `$1` (a JSON array) lists.
+    const URL_CONFIGURATION_SECRETS: &'static str = "SELECT c.id, c.private_key, c.client_key FROM agent_url_configurations c \
+         JOIN json_each($1) AS e ON c.id = e.value";
+
     /// Opens (creating if missing, mode 0600) the database file named by `url`.
     pub async fn connect(url: &str, max_connections: u32) -> anyhow::Result<Self> {
         let options = SqliteConnectOptions::from_str(url)?;
