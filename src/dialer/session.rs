@@ -188,9 +188,17 @@ async fn attempt(
     let tls_error = Arc::new(std::sync::Mutex::new(None));
     let io = connect::Recording::new(io, Arc::clone(&tls_error));
     // Words for a failure: a TLS error seen on the wire says more than HTTP/2 can.
+    let client_cert = matches!(credentials, DialCredentials::Mtls { .. });
     let explain_status =
         |status: &tonic::Status| match tls_error.lock().ok().and_then(|e| e.clone()) {
             Some(tls) => DialError::transient(connect::explain_tls(&tls, &target.server_name)),
+            // Under TLS 1.3 an agent checks the client certificate after the handshake and
+            // answers a bad one with an alert and a close; when the close wins the race the
+            // alert is never read, and HTTP/2 only sees the connection end.
+            None if client_cert && connection_lost(status) => DialError::transient(
+                "TLS: the agent rejected the client certificate, or closed the connection \
+                 right after the handshake (check its client CA)",
+            ),
             None => explain_status(status, &target),
         };
 
@@ -437,6 +445,19 @@ fn explain(error: &hyper::Error, target: &Target) -> DialError {
         connect::explain_chain(error, &target.server_name)
             .unwrap_or_else(|| format!("cannot open HTTP/2 to the agent: {error}")),
     )
+}
+
+/// Whether a failed call means the connection itself went away (HTTP/2 saw it end), rather
+/// than an answer from the agent.
+fn connection_lost(status: &tonic::Status) -> bool {
+    matches!(
+        status.code(),
+        tonic::Code::Unknown | tonic::Code::Unavailable
+    ) && status.metadata().is_empty()
+        && (status.message().contains("connection error")
+            || status.message().contains("connection was already used")
+            || status.message().contains("transport error")
+            || status.message().contains("connection closed"))
 }
 
 fn explain_status(status: &tonic::Status, target: &Target) -> DialError {
