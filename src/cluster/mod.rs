@@ -3,8 +3,9 @@
 //! Each start is a new *incarnation* with a lease renewed every TTL / 3 (one statement,
 //! whatever the number of agents). After each renewal the replica claims free agents up to its
 //! fair share (`ceil(agents / live replicas)`) and gives back what it holds beyond share + 1:
-//! first it stops dialling them, and only half a second later does it release them, so that no
-//! agent is ever dialled by two replicas. **Safety rule:** a replica that has not renewed its
+//! first it stops dialling them, and only once nothing of their sessions is left here (looked
+//! at every half second) does it release them, so that no agent is ever dialled by two
+//! replicas. **Safety rule:** a replica that has not renewed its
 //! lease for TTL − 3 s (by its own monotonic clock) stops dialling everything, before the lease
 //! can expire in the database and another replica take its agents.
 
@@ -23,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 use crate::domain::Id;
 use crate::store::LeaseStore;
 
-/// How long after hanging up agents it gives back a replica releases them.
+/// How often a replica looks whether the agents it gives back are hung up, to release them.
 const RELEASE_AFTER: Duration = Duration::from_millis(500);
 
 /// Hang up this long before the lease could expire elsewhere.
