@@ -181,3 +181,55 @@ fn rand_suffix() -> String {
     ring::rand::SystemRandom::new().fill(&mut bytes).unwrap();
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
+
+/// A database that has gone silent (connections accepted, never answered) or refuses: the
+/// readiness probe still answers 503 within about a second, not after the pool's 10 s wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_answers_within_a_second_while_the_database_is_away() {
+    if postgres_skipped() || !postgres_admin_url().contains("127.0.0.1:5432") {
+        return;
+    }
+    let pg = PgDatabase::create().await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (up, watch) = tokio::sync::watch::channel(true);
+    tokio::spawn(async move {
+        while let Ok((mut client, _)) = listener.accept().await {
+            let mut watch = watch.clone();
+            tokio::spawn(async move {
+                if !*watch.borrow() {
+                    // Silent: the connection stays open and nothing ever answers.
+                    tokio::time::sleep(Duration::from_secs(60)).await;
+                    drop(client);
+                    return;
+                }
+                let Ok(mut server) = tokio::net::TcpStream::connect("127.0.0.1:5432").await else {
+                    return;
+                };
+                tokio::select! {
+                    _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                    _ = watch.wait_for(|up| !*up) => {}
+                }
+            });
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let mut command = with_token(dir.path(), TOKEN);
+    command
+        .env(
+            "KAS_GATEWAY_DATABASE_URL",
+            format!("postgres://postgres@127.0.0.1:{port}/{}", pg.name),
+        )
+        .env("KAS_GATEWAY_ENCRYPTION_KEYS", common::PG_ENCRYPTION_KEYS);
+    let gateway = Gateway::start(command);
+    let (status, _) = send(Method::GET, &gateway.url("/-/readiness"), TOKEN, None).await;
+    assert_eq!(status, 200);
+    up.send(false).unwrap();
+    for _ in 0..3 {
+        let started = std::time::Instant::now();
+        let (status, body) = send(Method::GET, &gateway.url("/-/readiness"), TOKEN, None).await;
+        let took = started.elapsed();
+        assert_eq!(status, 503, "{body}");
+        assert!(took < Duration::from_secs(2), "readiness took {took:?}");
+    }
+}

@@ -727,3 +727,55 @@ fn agent_sim_refuses_impossible_credentials() {
         );
     }
 }
+
+/// Start-up mistakes read as one clear line naming the cause, even with `RUST_BACKTRACE` set:
+/// PostgreSQL refusing the connection, a database that does not exist, a bad setting.
+#[test]
+fn start_up_errors_are_one_line_naming_the_cause() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        (
+            format!("postgres://postgres@127.0.0.1:{port}/kas"),
+            "refused",
+        ),
+        (
+            "postgres://postgres@127.0.0.1:5432/kas_gateway_no_such_database".to_owned(),
+            "kas_gateway_no_such_database",
+        ),
+    ];
+    for (url, says) in cases {
+        if url.contains(":5432/") && common::postgres_skipped() {
+            continue;
+        }
+        let output = command(dir.path())
+            .env("RUST_BACKTRACE", "1")
+            .env("KAS_GATEWAY_DATABASE_URL", &url)
+            .env("KAS_GATEWAY_ENCRYPTION_KEYS", common::PG_ENCRYPTION_KEYS)
+            .arg("serve")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success());
+        let last = stderr.lines().last().unwrap_or_default();
+        assert!(last.starts_with("error: "), "{stderr}");
+        assert!(
+            last.to_lowercase().contains(says),
+            "{says:?} not in {last:?}"
+        );
+        assert!(!stderr.contains("backtrace"), "{stderr}");
+        assert!(!stderr.contains("pool timed out"), "{stderr}");
+    }
+    let output = command(dir.path())
+        .env("RUST_BACKTRACE", "1")
+        .env("KAS_GATEWAY_LEASE_TTL_SECONDS", "2")
+        .arg("serve")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("lease TTL must be at least"), "{stderr}");
+}

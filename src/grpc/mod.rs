@@ -597,7 +597,11 @@ pub fn router(api: Api, shutdown: tokio_util::sync::CancellationToken) -> axum::
     let store = Arc::clone(api.service.store());
     tokio::spawn(async move {
         loop {
-            let serving = !shutdown.is_cancelled() && store.ping().await.is_ok();
+            let serving = !shutdown.is_cancelled()
+                && matches!(
+                    tokio::time::timeout(crate::store::PING_TIMEOUT, store.ping()).await,
+                    Ok(Ok(()))
+                );
             for name in [
                 "",
                 "kas_gateway.v1.UrlConfigurations",

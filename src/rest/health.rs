@@ -27,7 +27,13 @@ pub async fn readiness(State(app): State<App>) -> Response {
         )
             .into_response();
     }
-    match app.service.store().ping().await {
+    // Bounded: a database that does not answer is a failed check now, not after the pool's
+    // acquire timeout.
+    let ping = tokio::time::timeout(crate::store::PING_TIMEOUT, app.service.store().ping());
+    match ping
+        .await
+        .unwrap_or_else(|_| Err(crate::store::Error::other("no answer in time")))
+    {
         Ok(()) => Json(json!({"status": "ok", "db_check": [{"status": "ok"}]})).into_response(),
         Err(error) => {
             tracing::warn!(%error, "readiness check failed");

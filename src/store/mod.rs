@@ -58,6 +58,9 @@ pub struct NewPersonalToken {
     pub created_at: Timestamp,
 }
 
+/// How long a health check waits for the database before it counts as unreachable.
+pub const PING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Which personal access tokens to list.
 #[derive(Clone, Debug, Default)]
 pub struct TokenFilter {

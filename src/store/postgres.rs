@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{PgPool, Postgres, Transaction};
+use sqlx::{Connection, PgConnection, PgPool, Postgres, Transaction};
 
 use super::sql::*;
 use super::{
@@ -16,6 +16,9 @@ use crate::domain::{
     AccessLevel, Agent, AgentToken, Id, Member, PageRequest, Paged, PersonalAccessToken, Project,
     SealedSecret, Timestamp, TokenStatus, UrlConfiguration, User, format_date,
 };
+
+/// How long opening a connection may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The PostgreSQL store.
 #[derive(Clone, Debug)]
@@ -43,10 +46,23 @@ impl PgStore {
     /// Connects to the database named by `url`.
     pub async fn connect(url: &str, max_connections: u32) -> anyhow::Result<Self> {
         let options: PgConnectOptions = url.parse()?;
+        let options = options.application_name("kas-gateway");
+        // One connection first, on its own: its error says what is wrong (connection refused,
+        // no such database, authentication), where the pool's would only say it timed out.
+        match tokio::time::timeout(CONNECT_TIMEOUT, PgConnection::connect_with(&options)).await {
+            Err(_) => anyhow::bail!(
+                "the database did not answer within {} s",
+                CONNECT_TIMEOUT.as_secs()
+            ),
+            Ok(Err(error)) => return Err(error.into()),
+            Ok(Ok(connection)) => {
+                let _ = connection.close().await;
+            }
+        }
         let pool = PgPoolOptions::new()
             .max_connections(max_connections.max(1))
-            .acquire_timeout(Duration::from_secs(10))
-            .connect_with(options.application_name("kas-gateway"))
+            .acquire_timeout(CONNECT_TIMEOUT)
+            .connect_with(options)
             .await?;
         Ok(Self { pool })
     }
