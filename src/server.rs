@@ -212,6 +212,11 @@ pub async fn start(
     clock: SharedClock,
     requested: CancellationToken,
 ) -> anyhow::Result<Server> {
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        config = ?config,
+        "starting kas-gateway"
+    );
     let lock = if database_kind(config.database_url.expose()) == "sqlite" {
         create_private_dir(&config.data_dir)?;
         Some(lock_data_dir(&config.data_dir)?)
@@ -298,15 +303,19 @@ pub async fn start(
     let service = service.with_sessions(sessions);
     bootstrap(&service, config).await?;
 
-    let tls = match &config.tls {
-        None => None,
+    let (tls, reloading) = match &config.tls {
+        None => (None, None),
         Some((cert, key)) => {
             let reloading = crate::tls::ReloadingCert::new(cert.clone(), key.clone())
                 .context("loading the listeners' TLS certificate")?;
             reloading.watch(Duration::from_secs(2), shutdown.child_token());
-            Some(crate::tls::server_config(reloading)?)
+            (
+                Some(crate::tls::server_config(Arc::clone(&reloading))?),
+                Some(reloading),
+            )
         }
     };
+    reload_on_hangup(reloading, requested.clone());
     let listener = TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("listening on {}", config.listen))?;
@@ -441,6 +450,36 @@ pub fn raise_file_limit() {
         Ok(limit) => tracing::debug!(limit, "open files limit"),
         Err(error) => tracing::warn!(%error, "cannot raise the open files limit"),
     }
+}
+
+/// On SIGHUP (which would otherwise end the process without a word): says so, and reads the
+/// TLS files again, the one thing that can be reloaded; until `shutdown`.
+fn reload_on_hangup(cert: Option<Arc<crate::tls::ReloadingCert>>, shutdown: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hangups = match signal(SignalKind::hangup()) {
+        Ok(hangups) => hangups,
+        Err(error) => {
+            tracing::warn!(%error, "cannot listen for SIGHUP");
+            return;
+        }
+    };
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                received = hangups.recv() => if received.is_none() { return },
+            }
+            match &cert {
+                Some(cert) => {
+                    tracing::info!("SIGHUP: reading the TLS certificate and key again");
+                    cert.refresh();
+                }
+                None => tracing::info!(
+                    "SIGHUP: nothing to reload (no TLS files); restart to change the configuration"
+                ),
+            }
+        }
+    });
 }
 
 /// Cancels `token` on SIGINT or SIGTERM.

@@ -779,3 +779,36 @@ fn start_up_errors_are_one_line_naming_the_cause() {
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
     assert!(stderr.contains("lease TTL must be at least"), "{stderr}");
 }
+
+/// The start is logged with the version and the effective configuration, secrets redacted;
+/// SIGHUP is logged and survived (it would end the process silently otherwise).
+#[test]
+fn the_start_is_logged_and_sighup_survived() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = "glpat-sighup-test-token-000000000";
+    let mut gateway = Gateway::start(with_token(dir.path(), token));
+    let log = gateway.log_text();
+    let start = log
+        .lines()
+        .find(|l| l.contains("starting kas-gateway"))
+        .expect("no start line");
+    assert!(start.contains(env!("CARGO_PKG_VERSION")), "{start}");
+    assert!(start.contains("REDACTED"), "{start}");
+    assert!(!log.contains(token), "a secret in the log");
+    gateway.signal("HUP");
+    assert_eq!(
+        gateway.wait_within(std::time::Duration::from_secs(1)),
+        None,
+        "SIGHUP ended the gateway"
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !gateway.log_text().contains("SIGHUP") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "SIGHUP was not logged"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    gateway.signal("TERM");
+    assert_eq!(gateway.wait(), Some(0));
+}
