@@ -10,7 +10,7 @@ use kas_gateway::clock::SystemClock;
 use kas_gateway::config::ConfigArgs;
 use kas_gateway::domain::{
     AccessLevel, Caller, NewProjectInput, NewTokenInput, NewUserInput, PageRequest, ProjectRef,
-    Scope, Service, TokenQuery, format_date, parse_date,
+    Scope, Service, TokenFilter, format_date, parse_date,
 };
 use kas_gateway::respond::Respond;
 use kas_gateway::{server, telemetry};
@@ -348,8 +348,11 @@ async fn run_admin(
                 .await
                 .map_err(explain)?;
             if json {
-                let active = token.is_active(service.now());
-                print_json(&PersonalTokenJson::new(&token, active, Some(&secret)))?;
+                print_json(&PersonalTokenJson::new(
+                    &token,
+                    service.now(),
+                    Some(&secret),
+                ))?;
             } else {
                 println!("{}", secret.expose());
             }
@@ -419,10 +422,10 @@ async fn run_admin(
             let mut tokens = Vec::new();
             let mut page = 1;
             loop {
-                let query = TokenQuery {
+                let query = TokenFilter {
                     user_id,
                     active: (!all).then_some(true),
-                    ..TokenQuery::default()
+                    ..TokenFilter::default()
                 };
                 let request = PageRequest {
                     page,
@@ -443,7 +446,7 @@ async fn run_admin(
             if json {
                 let rendered: Vec<PersonalTokenJson> = tokens
                     .iter()
-                    .map(|t| PersonalTokenJson::new(t, t.is_active(now), None))
+                    .map(|t| PersonalTokenJson::new(t, now, None))
                     .collect();
                 print_json(&rendered)?;
             } else {

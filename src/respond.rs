@@ -34,7 +34,7 @@ impl Respond for Error {
             // text. Refusing these keeps NUL out of the store: PostgreSQL rejects it in text
             // columns and SQLite would keep it, so both backends now agree.
             Self::MalformedString => (StatusCode::BAD_REQUEST, json!("Bad Request")),
-            Self::Unauthorized | Self::NotYours => (
+            Self::Unauthorized => (
                 StatusCode::UNAUTHORIZED,
                 json!({"message": "401 Unauthorized"}),
             ),
@@ -134,9 +134,7 @@ impl Respond for Error {
     fn grpc(&self) -> (tonic::Code, String) {
         use tonic::Code;
         match self {
-            Self::Unauthorized | Self::NotYours => {
-                (Code::Unauthenticated, "unauthenticated".into())
-            }
+            Self::Unauthorized => (Code::Unauthenticated, "unauthenticated".into()),
             Self::InsufficientScope { .. } | Self::Forbidden | Self::ForbiddenBecause(_) => {
                 (Code::PermissionDenied, "permission denied".into())
             }

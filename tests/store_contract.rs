@@ -417,6 +417,32 @@ async fn tokens_order_and_revocation(
     );
 }
 
+/// `count` agent tokens of `agent`, named `{prefix}0`, `{prefix}1`, …; their ids.
+async fn agent_tokens(store: &SharedStore, agent: i64, prefix: &str, count: usize) -> Vec<i64> {
+    let mut ids = Vec::new();
+    for i in 0..count {
+        match store
+            .create_agent_token(agent, agent_token(&format!("{prefix}{i}")), 10)
+            .await
+            .unwrap()
+        {
+            TokenCreated::Created(token) => ids.push(token.id),
+            TokenCreated::LimitReached => panic!("limit"),
+        }
+    }
+    ids
+}
+
+/// When agent token `id` was last used, as the store has it.
+async fn last_used(store: &SharedStore, agent: i64, id: i64) -> Option<Timestamp> {
+    store
+        .agent_token(agent, id)
+        .await
+        .unwrap()
+        .unwrap()
+        .last_used_at
+}
+
 /// Uses of many agent tokens land in one write; a use within a minute of the recorded one
 /// changes nothing (one write per token per minute), a later one moves it forward.
 #[rstest]
@@ -426,30 +452,9 @@ async fn agent_token_uses_in_one_batch(
 ) {
     let s = subject!(backend);
     let (_, agent) = project_with_agent(&s.store).await;
-    let mut ids = Vec::new();
-    for i in 0..3 {
-        match s
-            .store
-            .create_agent_token(agent, agent_token(&format!("u{i}")), 10)
-            .await
-            .unwrap()
-        {
-            TokenCreated::Created(token) => ids.push(token.id),
-            TokenCreated::LimitReached => panic!("limit"),
-        }
-    }
+    let ids = agent_tokens(&s.store, agent, "u", 3).await;
     let at = |millis: i64| Timestamp::from_millis(START.as_millis() + millis);
-    let last_used = |id: i64| {
-        let store = &s.store;
-        async move {
-            store
-                .agent_token(agent, id)
-                .await
-                .unwrap()
-                .unwrap()
-                .last_used_at
-        }
-    };
+    let last_used = |id: i64| last_used(&s.store, agent, id);
     s.store
         .touch_agent_tokens(&[(ids[0], at(1_000)), (ids[1], at(2_000))])
         .await
@@ -474,30 +479,9 @@ async fn agent_token_use_batcher(#[values(Backend::Sqlite, Backend::Postgres)] b
     use kas_gateway::domain::last_used::LastUsed;
     let s = subject!(backend);
     let (_, agent) = project_with_agent(&s.store).await;
-    let mut ids = Vec::new();
-    for i in 0..2 {
-        match s
-            .store
-            .create_agent_token(agent, agent_token(&format!("b{i}")), 10)
-            .await
-            .unwrap()
-        {
-            TokenCreated::Created(token) => ids.push(token.id),
-            TokenCreated::LimitReached => panic!("limit"),
-        }
-    }
+    let ids = agent_tokens(&s.store, agent, "b", 2).await;
     let at = |millis: i64| Timestamp::from_millis(START.as_millis() + millis);
-    let last_used = |id: i64| {
-        let store = &s.store;
-        async move {
-            store
-                .agent_token(agent, id)
-                .await
-                .unwrap()
-                .unwrap()
-                .last_used_at
-        }
-    };
+    let last_used = |id: i64| last_used(&s.store, agent, id);
     let batcher = LastUsed::new(Arc::clone(&s.store));
     batcher.record(ids[0], at(2_000));
     batcher.record(ids[0], at(1_000));

@@ -62,10 +62,6 @@ pub enum Error {
     /// Refused, with GitLab's reason (`Must be admin to use sudo`).
     #[error("forbidden: {0}")]
     ForbiddenBecause(&'static str),
-    /// A personal access token that is not the caller's, or that does not exist, asked for
-    /// by someone who may not see other users' tokens: GitLab answers 401 then.
-    #[error("not the caller's token")]
-    NotYours,
     /// Sudo names no user.
     #[error("no user with id or username {0:?}")]
     SudoUserNotFound(String),

@@ -8,14 +8,13 @@ mod service;
 mod sessions;
 pub mod validate;
 
-pub use crate::store::{UserFilter, UserOrder};
+pub use crate::store::{TokenFilter, UserFilter, UserOrder};
 pub use destinations::{DENIED_NETWORKS_SETTING, DeniedNetworks};
 pub use error::{Error, Missing, ParamProblem, Result};
 pub use model::*;
 pub use service::{
     AGENT_TOKEN_LIMIT, AgentRefusal, Caller, DialCredentials, Intent, MAX_PEM_LEN, MAX_URL_LEN,
-    NewProjectInput, NewTokenInput, NewUserInput, Service, Settings, TokenQuery,
-    UrlConfigurationInput,
+    NewProjectInput, NewTokenInput, NewUserInput, Service, Settings, UrlConfigurationInput,
 };
 pub use sessions::{
     AgentMetadata, Connection, NoSessions, Phase, RequestError, SessionResponse, Sessions,

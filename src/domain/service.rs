@@ -24,19 +24,6 @@ use crate::store::{
     UserFilter,
 };
 
-/// Which personal access tokens to list (`GET /personal_access_tokens`).
-#[derive(Clone, Debug, Default)]
-pub struct TokenQuery {
-    /// One user's tokens (administrators: anyone's; others: only their own).
-    pub user_id: Option<Id>,
-    /// Only revoked, or only not revoked, tokens.
-    pub revoked: Option<bool>,
-    /// `active` (true) or `inactive` (false).
-    pub active: Option<bool>,
-    /// Name holds this, ignoring case.
-    pub search: Option<String>,
-}
-
 /// A rotated token's new expiry when none is asked for: a week, as GitLab.
 const ROTATED_TOKEN_DAYS: i64 = 7;
 
@@ -623,31 +610,29 @@ impl Service {
     pub async fn list_personal_tokens(
         &self,
         caller: &Caller,
-        query: TokenQuery,
+        mut filter: TokenFilter,
         page: PageRequest,
     ) -> Result<Paged<PersonalAccessToken>> {
-        let user_id = if caller.is_admin() {
-            if let Some(id) = query.user_id {
+        filter.user_id = if caller.is_admin() {
+            if let Some(id) = filter.user_id {
                 self.store
                     .user(id)
                     .await?
                     .ok_or(Error::NotFound(Missing::Resource))?;
             }
-            query.user_id
+            filter.user_id
         } else {
-            match query.user_id {
-                Some(id) if id != caller.user.id => return Err(Error::NotYours),
+            match filter.user_id {
+                // GitLab answers 401, not 403, for someone else's tokens.
+                Some(id) if id != caller.user.id => return Err(Error::Unauthorized),
                 _ => Some(caller.user.id),
             }
         };
-        let filter = TokenFilter {
-            user_id,
-            revoked: query.revoked,
-            active: query.active,
-            search: query.search,
-            today: format_date(self.now().date()),
-        };
-        Ok(self.store.list_personal_tokens(&filter, page).await?)
+        let today = format_date(self.now().date());
+        Ok(self
+            .store
+            .list_personal_tokens(&filter, &today, page)
+            .await?)
     }
 
     /// A personal access token the caller may see: its own, or any for administrators
@@ -656,7 +641,7 @@ impl Service {
         match self.store.personal_token_by_id(id).await? {
             Some(token) if token.user_id == caller.user.id || caller.is_admin() => Ok(token),
             _ if caller.is_admin() => Err(Error::NotFound(Missing::Resource)),
-            _ => Err(Error::NotYours),
+            _ => Err(Error::Unauthorized),
         }
     }
 

@@ -299,8 +299,12 @@ pub struct PersonalTokenJson {
 }
 
 impl PersonalTokenJson {
-    /// Renders a token, with its secret when just created.
-    pub fn new(token: &PersonalAccessToken, active: bool, secret: Option<&Secret>) -> Self {
+    /// Renders a token as of `now`, with its secret when just created.
+    pub fn new(
+        token: &PersonalAccessToken,
+        now: crate::domain::Timestamp,
+        secret: Option<&Secret>,
+    ) -> Self {
         Self {
             id: token.id,
             name: token.name.clone(),
@@ -310,7 +314,7 @@ impl PersonalTokenJson {
             scopes: token.scopes.iter().map(|s| s.as_str().to_owned()).collect(),
             user_id: token.user_id,
             last_used_at: token.last_used_at.map(|t| t.to_iso8601()),
-            active,
+            active: token.is_active(now),
             expires_at: token.expires_at.map(format_date),
             token: secret.map(SecretField::from),
         }

@@ -11,10 +11,10 @@ use super::extract::{Params, PathArgs};
 use super::paginate::paged;
 use super::repr::{ErrorJson, PersonalTokenJson};
 use crate::crypto::Secret;
-use crate::domain::{Caller, PersonalAccessToken, Result, TokenQuery};
+use crate::domain::{Caller, PersonalAccessToken, Result, TokenFilter};
 
 fn render(app: &App, token: &PersonalAccessToken, secret: Option<&Secret>) -> PersonalTokenJson {
-    PersonalTokenJson::new(token, token.is_active(app.service.now()), secret)
+    PersonalTokenJson::new(token, app.service.now(), secret)
 }
 
 /// Personal access tokens, oldest first: the caller's own, or every user's for
@@ -56,7 +56,7 @@ pub async fn list(
     };
     let search = check.optional_string("search").filter(|s| !s.is_empty());
     check.finish()?;
-    let query = TokenQuery {
+    let filter = TokenFilter {
         user_id,
         revoked,
         active,
@@ -64,7 +64,7 @@ pub async fn list(
     };
     let tokens = app
         .service
-        .list_personal_tokens(&caller, query, page)
+        .list_personal_tokens(&caller, filter, page)
         .await?;
     let items: Vec<PersonalTokenJson> =
         tokens.items.iter().map(|t| render(&app, t, None)).collect();

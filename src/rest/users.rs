@@ -228,10 +228,13 @@ pub async fn create_personal_token(
             },
         )
         .await?;
-    let active = token.is_active(app.service.now());
     Ok((
         StatusCode::CREATED,
-        Json(PersonalTokenJson::new(&token, active, Some(&secret))),
+        Json(PersonalTokenJson::new(
+            &token,
+            app.service.now(),
+            Some(&secret),
+        )),
     )
         .into_response())
 }

@@ -72,8 +72,6 @@ pub struct TokenFilter {
     pub active: Option<bool>,
     /// Only tokens whose name holds this, ignoring case.
     pub search: Option<String>,
-    /// Today, `YYYY-MM-DD` (UTC): a token expires at the start of its expiry date.
-    pub today: String,
 }
 
 /// The successor of a rotated token: the same name and scopes, a new secret and expiry.
@@ -281,10 +279,12 @@ pub trait Store: Send + Sync + 'static {
 
     /// Records that a personal access token authenticated a request at `at`.
     async fn touch_personal_token(&self, token_id: Id, at: Timestamp) -> Result<()>;
-    /// Personal access tokens matching `filter`, by id.
+    /// Personal access tokens matching `filter`, by id; `today` (`YYYY-MM-DD`, UTC) decides
+    /// which have expired (a token expires at the start of its expiry date).
     async fn list_personal_tokens(
         &self,
         filter: &TokenFilter,
+        today: &str,
         page: PageRequest,
     ) -> Result<Paged<PersonalAccessToken>>;
     /// A personal access token by id.

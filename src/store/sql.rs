@@ -584,6 +584,7 @@ macro_rules! sql_store {
             async fn list_personal_tokens(
                 &self,
                 filter: &TokenFilter,
+                today: &str,
                 page: PageRequest,
             ) -> Result<Paged<PersonalAccessToken>> {
                 // One statement for both backends: an absent filter is a NULL parameter.
@@ -604,7 +605,7 @@ macro_rules! sql_store {
                 .bind(filter.user_id)
                 .bind(filter.revoked)
                 .bind(filter.active)
-                .bind(&filter.today)
+                .bind(today)
                 .bind(&search)
                 .bind(page.per_page)
                 .bind(page.offset())
@@ -616,7 +617,7 @@ macro_rules! sql_store {
                 .bind(filter.user_id)
                 .bind(filter.revoked)
                 .bind(filter.active)
-                .bind(&filter.today)
+                .bind(today)
                 .bind(&search)
                 .fetch_one(&self.pool)
                 .await?;
