@@ -452,9 +452,10 @@ fn explain(error: &hyper::Error, target: &Target) -> DialError {
 fn connection_lost(status: &tonic::Status) -> bool {
     matches!(
         status.code(),
-        tonic::Code::Unknown | tonic::Code::Unavailable
+        tonic::Code::Unknown | tonic::Code::Unavailable | tonic::Code::Cancelled
     ) && status.metadata().is_empty()
         && (status.message().contains("connection error")
+            || status.message().contains("operation was canceled")
             || status.message().contains("connection was already used")
             || status.message().contains("transport error")
             || status.message().contains("connection closed"))
