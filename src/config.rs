@@ -32,6 +32,8 @@ pub struct Config {
     pub database_max_connections: u32,
     /// Address of the HTTP listener.
     pub listen: SocketAddr,
+    /// Address of the observability listener (metrics, probes, status page).
+    pub observability_listen: SocketAddr,
     /// The URL clients reach the gateway at (for `Link` headers); from `listen` when unset.
     pub external_url: Option<String>,
     /// The root user's token on first start.
@@ -93,6 +95,7 @@ impl std::fmt::Debug for Config {
             .field("database", &database_kind(self.database_url.expose()))
             .field("database_max_connections", &self.database_max_connections)
             .field("listen", &self.listen)
+            .field("observability_listen", &self.observability_listen)
             .field("external_url", &self.external_url)
             .field(
                 "bootstrap_token",
@@ -140,6 +143,8 @@ impl Config {
             data_dir,
             database_max_connections: DEFAULT_MAX_CONNECTIONS,
             listen: default_listen(),
+            // Any free port: tests start many gateways at once.
+            observability_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             external_url: None,
             bootstrap_token: None,
             log_level: "info".into(),
@@ -183,6 +188,7 @@ const KNOWN_ENV: &[&str] = &[
     "KAS_GATEWAY_DATABASE_URL_FILE",
     "KAS_GATEWAY_DATABASE_MAX_CONNECTIONS",
     "KAS_GATEWAY_LISTEN",
+    "KAS_GATEWAY_OBSERVABILITY_LISTEN",
     "KAS_GATEWAY_EXTERNAL_URL",
     "KAS_GATEWAY_BOOTSTRAP_TOKEN",
     "KAS_GATEWAY_BOOTSTRAP_TOKEN_FILE",
@@ -241,6 +247,10 @@ pub struct ConfigArgs {
     /// Listen address [default: 127.0.0.1:8080].
     #[arg(long, env = "KAS_GATEWAY_LISTEN", global = true)]
     pub listen: Option<SocketAddr>,
+    /// Listener of the observability endpoints: Prometheus /metrics, /liveness, /readiness and
+    /// the status page; never the API [default: 127.0.0.1:8151].
+    #[arg(long, env = "KAS_GATEWAY_OBSERVABILITY_LISTEN", global = true)]
+    pub observability_listen: Option<SocketAddr>,
     /// Public URL of the gateway, for Link headers [default: http://<listen>].
     #[arg(long, env = "KAS_GATEWAY_EXTERNAL_URL", global = true)]
     pub external_url: Option<String>,
@@ -363,6 +373,7 @@ struct FileConfig {
     database_url_file: Option<PathBuf>,
     database_max_connections: Option<u32>,
     listen: Option<SocketAddr>,
+    observability_listen: Option<SocketAddr>,
     external_url: Option<String>,
     bootstrap_token: Option<String>,
     bootstrap_token_file: Option<PathBuf>,
@@ -453,6 +464,10 @@ impl ConfigArgs {
                 .or(file.database_max_connections)
                 .unwrap_or(DEFAULT_MAX_CONNECTIONS),
             listen: self.listen.or(file.listen).unwrap_or_else(default_listen),
+            observability_listen: self
+                .observability_listen
+                .or(file.observability_listen)
+                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8151))),
             external_url: external_url.map(|u| u.trim_end_matches('/').to_owned()),
             bootstrap_token,
             log_level: self

@@ -39,6 +39,18 @@ enum Command {
     Certs(Certs),
     /// Serves simulated receptive agents, to check connectivity or to load a gateway.
     AgentSim(AgentSimArgs),
+    /// Asks a running gateway's observability listener whether it is ready (or alive), as a
+    /// container's health check does: exit status 0 when it is.
+    Probe(ProbeArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct ProbeArgs {
+    #[command(flatten)]
+    config: ConfigArgs,
+    /// Ask /liveness (the process is up) instead of /readiness (it can serve).
+    #[arg(long)]
+    liveness: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -250,6 +262,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
         }
+        Command::Probe(ProbeArgs { config, liveness }) => {
+            let config = config.resolve()?;
+            let path = if liveness { "/liveness" } else { "/readiness" };
+            let status = probe(config.observability_listen, path).await?;
+            if status.is_success() {
+                println!("{path}: {status}");
+                Ok(())
+            } else {
+                anyhow::bail!("{path}: {status}")
+            }
+        }
         Command::Migrate(WithConfig { config }) => {
             let config = config.resolve()?;
             telemetry::init(&config.log_level, config.log_format)?;
@@ -279,6 +302,37 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             outcome
         }
     }
+}
+
+/// GETs `path` from the observability listener at `addr` (its loopback address when it
+/// listens on every address), within a few seconds.
+async fn probe(addr: std::net::SocketAddr, path: &str) -> anyhow::Result<http::StatusCode> {
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+    let mut addr = addr;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(match addr.ip() {
+            IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::LOCALHOST),
+            IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        });
+    }
+    let ask = async {
+        let stream = tokio::net::TcpStream::connect(addr)
+            .await
+            .with_context(|| format!("connecting to {addr}"))?;
+        let (mut sender, connection) =
+            hyper::client::conn::http1::handshake::<_, axum::body::Body>(
+                hyper_util::rt::TokioIo::new(stream),
+            )
+            .await?;
+        tokio::spawn(connection);
+        let request = http::Request::get(path)
+            .header(http::header::HOST, addr.to_string())
+            .body(axum::body::Body::empty())?;
+        Ok::<_, anyhow::Error>(sender.send_request(request).await?.status())
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(5), ask)
+        .await
+        .map_err(|_| anyhow::anyhow!("{addr} did not answer {path} within 5 s"))?
 }
 
 /// Prints `value` as one JSON document.

@@ -33,6 +33,10 @@ pub mod private {
 /// reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/descriptors.bin"));
 
+/// The replicas' private API, encoded likewise (never served by reflection).
+pub const PRIVATE_FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/private_descriptors.bin"));
+
 /// The codec of every generated client and server: prost's, except that a message that does
 /// not decode (invalid UTF-8 in a string, a truncated field) is the sender's mistake,
 /// `INVALID_ARGUMENT`, where prost's codec says `INTERNAL`.

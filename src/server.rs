@@ -190,6 +190,8 @@ pub struct Server {
     pub addr: SocketAddr,
     /// The bound gRPC-only address, if configured.
     pub grpc_addr: Option<SocketAddr>,
+    /// The bound observability address (metrics, probes, status page).
+    pub ops_addr: SocketAddr,
     /// The URL the gateway announces.
     pub external_url: String,
     /// The domain service the transports call.
@@ -217,6 +219,8 @@ pub async fn start(
         config = ?config,
         "starting kas-gateway"
     );
+    // From the start: what happens while starting counts too.
+    crate::metrics::handle();
     let lock = if database_kind(config.database_url.expose()) == "sqlite" {
         create_private_dir(&config.data_dir)?;
         Some(lock_data_dir(&config.data_dir)?)
@@ -389,6 +393,32 @@ pub async fn start(
             shutdown.clone(),
         ));
     }
+    let ops_listener = TcpListener::bind(config.observability_listen)
+        .await
+        .with_context(|| {
+            format!(
+                "listening on {} (observability)",
+                config.observability_listen
+            )
+        })?;
+    let ops_addr = ops_listener.local_addr()?;
+    tracing::info!(addr = %ops_addr, serves = "metrics, probes and the status page", "listening");
+    crate::metrics::run_upkeep(shutdown.clone());
+    listeners.spawn(listener::serve(
+        ops_listener,
+        None,
+        crate::ops::router(crate::ops::Ops {
+            service: service.clone(),
+            registry: Arc::clone(&registry),
+            held: membership.held.clone(),
+            shutdown: requested.clone(),
+        }),
+        listener::Shared::new(crate::listener::Limits {
+            max_connections: crate::ops::MAX_CONNECTIONS,
+            ..config.limits.clone()
+        }),
+        shutdown.clone(),
+    ));
     let held = membership.held.clone();
     let dialer = config.receptive_agents.then(|| {
         crate::dialer::spawn(
@@ -430,6 +460,7 @@ pub async fn start(
     Ok(Server {
         addr,
         grpc_addr,
+        ops_addr,
         external_url,
         service,
         task,

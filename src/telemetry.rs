@@ -7,25 +7,36 @@ use tracing_subscriber::fmt::format::{DefaultFields, Writer};
 
 use crate::config::LogFormat;
 
-/// Installs the global subscriber; `RUST_LOG`, when set, overrides `level`.
+/// Installs the global subscriber; `RUST_LOG`, when set, overrides `level`. Beside the log,
+/// a layer with its own filter turns the database pool's wait times into a metric.
 pub fn init(level: &str, format: LogFormat) -> anyhow::Result<()> {
+    use tracing_subscriber::Layer;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
     let filter = match std::env::var("RUST_LOG") {
         Ok(directive) if !directive.is_empty() => EnvFilter::try_new(directive)?,
         _ => EnvFilter::try_new(level)?,
     };
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let log = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         // A closed stderr must not panic the task that logs (tracing-subscriber would
         // eprintln! about it, which panics on a broken pipe).
         .log_internal_errors(false)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    let installed = match format {
-        LogFormat::Text => builder.fmt_fields(EscapedFields::default()).try_init(),
+    let log = match format {
+        LogFormat::Text => log.fmt_fields(EscapedFields::default()).boxed(),
         // JSON escapes control characters itself.
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+        LogFormat::Json => log.json().flatten_event(true).boxed(),
     };
-    installed.map_err(|e| anyhow::anyhow!("installing the log subscriber: {e}"))
+    let pool_waits = crate::metrics::PoolWaitLayer.with_filter(
+        tracing_subscriber::filter::Targets::new()
+            .with_target(crate::metrics::POOL_ACQUIRE_TARGET, tracing::Level::TRACE),
+    );
+    tracing_subscriber::registry()
+        .with(log.with_filter(filter))
+        .with(pool_waits)
+        .try_init()
+        .map_err(|e| anyhow::anyhow!("installing the log subscriber: {e}"))
 }
 
 /// The text format's fields and message, with control characters escaped: the default

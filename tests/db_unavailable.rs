@@ -222,14 +222,20 @@ async fn readiness_answers_within_a_second_while_the_database_is_away() {
         )
         .env("KAS_GATEWAY_ENCRYPTION_KEYS", common::PG_ENCRYPTION_KEYS);
     let gateway = Gateway::start(command);
-    let (status, _) = send(Method::GET, &gateway.url("/-/readiness"), TOKEN, None).await;
-    assert_eq!(status, 200);
+    // The API listener's probe and the observability listener's.
+    let probes = [gateway.url("/-/readiness"), gateway.ops_url("/readiness")];
+    for probe in &probes {
+        let (status, _) = send(Method::GET, probe, TOKEN, None).await;
+        assert_eq!(status, 200, "{probe}");
+    }
     up.send(false).unwrap();
     for _ in 0..3 {
-        let started = std::time::Instant::now();
-        let (status, body) = send(Method::GET, &gateway.url("/-/readiness"), TOKEN, None).await;
-        let took = started.elapsed();
-        assert_eq!(status, 503, "{body}");
-        assert!(took < Duration::from_secs(2), "readiness took {took:?}");
+        for probe in &probes {
+            let started = std::time::Instant::now();
+            let (status, body) = send(Method::GET, probe, TOKEN, None).await;
+            let took = started.elapsed();
+            assert_eq!(status, 503, "{probe}: {body}");
+            assert!(took < Duration::from_secs(2), "{probe} took {took:?}");
+        }
     }
 }

@@ -360,6 +360,7 @@ async fn run(
                 // Declared dead (the lease expired): the others may have our agents. Stop
                 // everything and come back as a new incarnation.
                 tracing::warn!(incarnation = %me, "the lease was lost: hanging up and rejoining");
+                crate::metrics::lease_lost();
                 lease.hang_up();
                 holding = 0;
                 releasing.clear();

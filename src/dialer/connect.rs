@@ -14,6 +14,7 @@ use tokio_rustls::TlsConnector;
 
 use crate::domain::validate::{AgentHost, AgentUrl, UrlProblem};
 use crate::domain::{DENIED_NETWORKS_SETTING, DeniedNetworks};
+use crate::metrics::Cause;
 
 /// Why an attempt failed, worded for the operator.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -23,6 +24,8 @@ pub struct DialError {
     pub message: String,
     /// Whether retrying cannot help until the configuration changes.
     pub permanent: bool,
+    /// The kind of failure, for the metrics.
+    pub cause: Cause,
 }
 
 impl DialError {
@@ -31,6 +34,7 @@ impl DialError {
         Self {
             message: message.into(),
             permanent: false,
+            cause: Cause::Other,
         }
     }
 
@@ -39,7 +43,14 @@ impl DialError {
         Self {
             message: message.into(),
             permanent: true,
+            cause: Cause::Configuration,
         }
+    }
+
+    /// The same error, of kind `cause`.
+    #[must_use]
+    pub fn because(self, cause: Cause) -> Self {
+        Self { cause, ..self }
     }
 }
 
@@ -277,7 +288,10 @@ pub async fn connect(
         let resolved: Vec<SocketAddr> =
             tokio::net::lookup_host((target.host.as_str(), target.port))
                 .await
-                .map_err(|_| DialError::transient(format!("DNS lookup of {} failed", target.host)))?
+                .map_err(|_| {
+                    DialError::transient(format!("DNS lookup of {} failed", target.host))
+                        .because(Cause::Dns)
+                })?
                 .collect();
         // Checked here, on the addresses actually dialled, so no name (nor a later change of
         // its DNS records) can lead past the list; refused ones are never connected to, so
@@ -289,7 +303,8 @@ pub async fn connect(
             return Err(refused_destination(&refused, target.address.is_some()));
         }
         let mut last =
-            DialError::transient(format!("DNS lookup of {} found no address", target.host));
+            DialError::transient(format!("DNS lookup of {} found no address", target.host))
+                .because(Cause::Dns);
         let mut stream = None;
         for addr in addrs {
             match TcpStream::connect(addr).await {
@@ -298,7 +313,8 @@ pub async fn connect(
                     break;
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
-                    last = DialError::transient(format!("connection refused by {addr}"));
+                    last = DialError::transient(format!("connection refused by {addr}"))
+                        .because(Cause::Refused);
                 }
                 Err(e) => last = DialError::transient(format!("cannot connect to {addr}: {e}")),
             }
@@ -322,6 +338,7 @@ pub async fn connect(
     };
     tokio::time::timeout(timeout, attempt).await.map_err(|_| {
         DialError::transient(format!("connecting to {} timed out", target.authority()))
+            .because(Cause::Timeout)
     })?
 }
 
@@ -342,14 +359,38 @@ fn refused_destination(refused: &[SocketAddr], literal: bool) -> DialError {
     let plural = if refused.len() > 1 { "s" } else { "" };
     let message = format!("refused destination{plural} {list} ({DENIED_NETWORKS_SETTING})");
     if literal {
-        DialError::permanent(message)
+        DialError::permanent(message).because(Cause::Denied)
     } else {
-        DialError::transient(message)
+        DialError::transient(message).because(Cause::Denied)
+    }
+}
+
+/// A TLS failure, in words and by kind.
+pub fn explain_tls(error: &rustls::Error, server_name: &str) -> DialError {
+    DialError::transient(tls_words(error, server_name)).because(tls_cause(error))
+}
+
+/// The kind of a TLS failure.
+fn tls_cause(error: &rustls::Error) -> Cause {
+    match error {
+        rustls::Error::InvalidCertificate(
+            CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
+        ) => Cause::TlsName,
+        rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer) => Cause::UnknownCa,
+        rustls::Error::AlertReceived(
+            AlertDescription::CertificateRequired
+            | AlertDescription::BadCertificate
+            | AlertDescription::UnknownCA
+            | AlertDescription::CertificateUnknown
+            | AlertDescription::AccessDenied
+            | AlertDescription::DecryptError,
+        ) => Cause::ClientCertificate,
+        _ => Cause::Tls,
     }
 }
 
 /// Words for a TLS failure.
-pub fn explain_tls(error: &rustls::Error, server_name: &str) -> String {
+fn tls_words(error: &rustls::Error, server_name: &str) -> String {
     match error {
         rustls::Error::InvalidCertificate(
             CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
@@ -383,17 +424,16 @@ pub fn explain_io(error: &std::io::Error, server_name: &str) -> DialError {
         .get_ref()
         .and_then(|e| e.downcast_ref::<rustls::Error>())
     {
-        Some(tls) => DialError::transient(explain_tls(tls, server_name)),
+        Some(tls) => explain_tls(tls, server_name),
         None => DialError::transient(format!("connection failed: {error}")),
     }
 }
 
-/// Words for anything in an error's source chain: a TLS error, else the I/O error, else
-/// the error itself.
+/// A TLS error anywhere in an error's source chain, explained.
 pub fn explain_chain(
     error: &(dyn std::error::Error + 'static),
     server_name: &str,
-) -> Option<String> {
+) -> Option<DialError> {
     let mut current = Some(error);
     while let Some(e) = current {
         if let Some(tls) = e.downcast_ref::<rustls::Error>() {
@@ -455,6 +495,7 @@ mod tests {
             DialError::permanent(format!(
                 "refused destination 127.0.0.1:{port} (KAS_GATEWAY_DIALER_DENIED_NETWORKS)"
             ))
+            .because(Cause::Denied)
         );
         let accepted = tokio::time::timeout(Duration::from_millis(200), listener.accept()).await;
         assert!(accepted.is_err(), "the listener was connected to");

@@ -16,6 +16,7 @@ use ring::rand::SecureRandom;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::cluster::Held;
 use crate::domain::{
@@ -418,10 +419,16 @@ async fn reconcile(
             cancel.clone(),
             stopping.remove(&agent_id),
         );
-        let task = tokio::spawn(async move {
-            session.await;
-            drop(hold);
-        });
+        // Every line an agent's dialler logs carries the agent: its lines can be followed.
+        let span =
+            tracing::info_span!("session", agent_id, url_configuration_id = config.id, epoch);
+        let task = tokio::spawn(
+            async move {
+                session.await;
+                drop(hold);
+            }
+            .instrument(span),
+        );
         running.insert(
             agent_id,
             Running {
@@ -485,6 +492,7 @@ async fn keep_connected(
             c.last_attempt_at = Some(now);
             c.connected_since = None;
         });
+        crate::metrics::dial_attempt();
         let outcome = session::run(
             port.as_ref(),
             &registry,
@@ -509,6 +517,7 @@ async fn keep_connected(
             }
             Err(error) => error,
         };
+        crate::metrics::dial_failure(error.cause);
         let now = port.now();
         let phase = session::phase_after(&error);
         registry.update(config.agent_id, |c| {

@@ -16,6 +16,7 @@ use super::connect::{self, DialError, Target};
 use super::state::Registry;
 use crate::crypto::jwt;
 use crate::domain::{AgentMetadata, DialCredentials, Phase, UrlConfiguration};
+use crate::metrics::Cause;
 use crate::proto::agent::v1 as pb;
 use crate::proto::codec::StrictCodec;
 
@@ -153,6 +154,7 @@ async fn attempt(
             // The database being away says nothing about the configuration: try again.
             crate::domain::Error::Unavailable(_) => {
                 DialError::transient("the database is unavailable: cannot read the credentials")
+                    .because(Cause::Database)
             }
             e => {
                 tracing::error!(agent_id = config.agent_id, error = %e, "cannot read the URL configuration's credentials");
@@ -178,6 +180,7 @@ async fn attempt(
             (Some(tls), None)
         }
     };
+    let dial_started = Instant::now();
     let io = connect::connect(
         &target,
         tls,
@@ -191,14 +194,15 @@ async fn attempt(
     let client_cert = matches!(credentials, DialCredentials::Mtls { .. });
     let explain_status =
         |status: &tonic::Status| match tls_error.lock().ok().and_then(|e| e.clone()) {
-            Some(tls) => DialError::transient(connect::explain_tls(&tls, &target.server_name)),
+            Some(tls) => connect::explain_tls(&tls, &target.server_name),
             // Under TLS 1.3 an agent checks the client certificate after the handshake and
             // answers a bad one with an alert and a close; when the close wins the race the
             // alert is never read, and HTTP/2 only sees the connection end.
             None if client_cert && connection_lost(status) => DialError::transient(
                 "TLS: the agent rejected the client certificate, or closed the connection \
                  right after the handshake (check its client CA)",
-            ),
+            )
+            .because(Cause::ClientCertificate),
             None => explain_status(status, &target),
         };
 
@@ -216,8 +220,11 @@ async fn attempt(
         http2.handshake::<_, tonic::body::Body>(TokioIo::new(io)),
     )
     .await
-    .map_err(|_| DialError::transient("the agent did not start HTTP/2 in time"))?
+    .map_err(|_| {
+        DialError::transient("the agent did not start HTTP/2 in time").because(Cause::Timeout)
+    })?
     .map_err(|e| explain(&e, &target))?;
+    let handshake = dial_started.elapsed();
     let _connection = Closing(
         Some(tokio::spawn(async move {
             if let Err(error) = connection.await {
@@ -240,6 +247,7 @@ async fn attempt(
             .map_err(|_| DialError::permanent("the JWT is not a valid header value"))?;
         request.metadata_mut().insert("authorization", value);
     }
+    let call_started = Instant::now();
     // An agent that accepts the connection and then says nothing must not hold the attempt.
     let call = async {
         client
@@ -258,7 +266,10 @@ async fn attempt(
     };
     let response = tokio::time::timeout(settings.hello_timeout, call)
         .await
-        .map_err(|_| DialError::transient("the agent did not answer the session call"))?
+        .map_err(|_| {
+            DialError::transient("the agent did not answer the session call")
+                .because(Cause::Timeout)
+        })?
         .map_err(|status| explain_status(&status))?;
     let mut inbound = response.into_inner();
 
@@ -270,6 +281,7 @@ async fn attempt(
                 "the agent sent no hello within {} s (the hello timeout)",
                 settings.hello_timeout.as_secs_f64()
             ))
+            .because(Cause::Timeout)
         })?
         .map_err(|status| explain_status(&status))?;
     let Some(pb::AgentMessage {
@@ -282,12 +294,17 @@ async fn attempt(
             refused(pb::refused::Code::Protocol, "expected a hello"),
         )
         .await;
-        return Err(DialError::transient("the agent did not start with a hello"));
+        return Err(
+            DialError::transient("the agent did not start with a hello").because(Cause::Protocol)
+        );
     };
     let accepted = port
         .check_agent_token(config.agent_id, &hello.agent_token)
         .await
-        .map_err(|e| DialError::transient(format!("cannot check the agent token: {e}")))?;
+        .map_err(|e| {
+            DialError::transient(format!("cannot check the agent token: {e}"))
+                .because(Cause::Database)
+        })?;
     let token = match accepted {
         Ok(token) => token,
         Err(refusal) => {
@@ -299,7 +316,8 @@ async fn attempt(
             return Err(DialError::transient(format!(
                 "agent token rejected: {}",
                 refusal.message()
-            )));
+            ))
+            .because(Cause::AgentToken));
         }
     };
     let accepted = pb::GatewayMessage {
@@ -313,8 +331,9 @@ async fn attempt(
     outbound
         .send(accepted)
         .await
-        .map_err(|_| DialError::transient("the agent closed the session"))?;
+        .map_err(|_| DialError::transient("the agent closed the session").because(Cause::Closed))?;
     drop(turn);
+    crate::metrics::session_established(handshake, call_started.elapsed());
     let metadata = hello.metadata.unwrap_or_default();
     let now = port.now();
     registry.update(config.agent_id, |c| {
@@ -335,6 +354,8 @@ async fn attempt(
     let up = Instant::now();
     let nonce = AtomicU64::new(0);
     let mut last_pong = Instant::now();
+    // The last ping's nonce and when it left, for the round trip.
+    let mut last_ping: Option<(u64, Instant)> = None;
     let mut heartbeat = tokio::time::interval_at(
         heartbeat_start(dialing.epoch, settings.heartbeat_interval),
         settings.heartbeat_interval,
@@ -360,12 +381,13 @@ async fn attempt(
                     return ended(Some(DialError::transient(format!(
                         "no heartbeat reply within {} s",
                         (settings.heartbeat_interval * settings.heartbeat_misses).as_secs()
-                    ))));
+                    ))
+                    .because(Cause::Heartbeat)));
                 }
+                let sent = nonce.fetch_add(1, Ordering::Relaxed);
+                last_ping = Some((sent, Instant::now()));
                 let ping = pb::GatewayMessage {
-                    message: Some(pb::gateway_message::Message::Ping(pb::Ping {
-                        nonce: nonce.fetch_add(1, Ordering::Relaxed),
-                    })),
+                    message: Some(pb::gateway_message::Message::Ping(pb::Ping { nonce: sent })),
                 };
                 if outbound.send(ping).await.is_err() {
                     return ended(Some(DialError::transient("the session closed")));
@@ -383,8 +405,14 @@ async fn attempt(
                 }
             }
             message = inbound.message() => match message {
-                Ok(Some(pb::AgentMessage { message: Some(pb::agent_message::Message::Pong(_)) })) => {
+                Ok(Some(pb::AgentMessage { message: Some(pb::agent_message::Message::Pong(pong)) })) => {
                     last_pong = Instant::now();
+                    if let Some((sent, at)) = last_ping
+                        && sent == pong.nonce
+                    {
+                        crate::metrics::heartbeat(at.elapsed());
+                        last_ping = None;
+                    }
                 }
                 Ok(Some(pb::AgentMessage { message: Some(pb::agent_message::Message::Response(response)) })) => {
                     last_pong = Instant::now();
@@ -393,7 +421,9 @@ async fn attempt(
                     }
                 }
                 Ok(Some(_)) => {}
-                Ok(None) => return ended(Some(DialError::transient("the agent closed the session"))),
+                Ok(None) => return ended(Some(
+                    DialError::transient("the agent closed the session").because(Cause::Closed),
+                )),
                 Err(status) => return ended(Some(explain_status(&status))),
             }
         }
@@ -441,10 +471,10 @@ fn refused(code: pb::refused::Code, message: &str) -> pb::GatewayMessage {
 }
 
 fn explain(error: &hyper::Error, target: &Target) -> DialError {
-    DialError::transient(
-        connect::explain_chain(error, &target.server_name)
-            .unwrap_or_else(|| format!("cannot open HTTP/2 to the agent: {error}")),
-    )
+    connect::explain_chain(error, &target.server_name).unwrap_or_else(|| {
+        DialError::transient(format!("cannot open HTTP/2 to the agent: {error}"))
+            .because(Cause::Protocol)
+    })
 }
 
 /// Whether a failed call means the connection itself went away (HTTP/2 saw it end), rather
@@ -466,16 +496,23 @@ fn explain_status(status: &tonic::Status, target: &Target) -> DialError {
         return DialError::transient(format!(
             "the agent rejected the gateway's credentials (JWT): {}",
             status.message()
-        ));
+        ))
+        .because(Cause::Jwt);
     }
-    if let Some(words) = connect::explain_chain(status, &target.server_name) {
-        return DialError::transient(words);
+    if let Some(error) = connect::explain_chain(status, &target.server_name) {
+        return error;
     }
+    let cause = if connection_lost(status) {
+        Cause::Closed
+    } else {
+        Cause::Protocol
+    };
     DialError::transient(format!(
         "the session failed: {} ({:?})",
         status.message(),
         status.code()
     ))
+    .because(cause)
 }
 
 /// Marks the phase after a failed attempt.

@@ -20,7 +20,16 @@ pub async fn liveness() -> Json<serde_json::Value> {
     responses((status = 200, description = "Ready"), (status = 503, description = "Shutting down, or the database is unreachable"))
 )]
 pub async fn readiness(State(app): State<App>) -> Response {
-    if app.shutdown.is_cancelled() {
+    ready(&app.service, &app.shutdown).await
+}
+
+/// Readiness, for this listener and the observability listener: 503 once `shutdown` is
+/// requested, or while the database does not answer within a second.
+pub async fn ready(
+    service: &crate::domain::Service,
+    shutdown: &tokio_util::sync::CancellationToken,
+) -> Response {
+    if shutdown.is_cancelled() {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
             Json(json!({"status": "failed", "message": "shutting down"})),
@@ -29,7 +38,7 @@ pub async fn readiness(State(app): State<App>) -> Response {
     }
     // Bounded: a database that does not answer is a failed check now, not after the pool's
     // acquire timeout.
-    let ping = tokio::time::timeout(crate::store::PING_TIMEOUT, app.service.store().ping());
+    let ping = tokio::time::timeout(crate::store::PING_TIMEOUT, service.store().ping());
     match ping
         .await
         .unwrap_or_else(|_| Err(crate::store::Error::other("no answer in time")))

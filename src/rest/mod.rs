@@ -2,11 +2,10 @@
 //! domain service and render; they hold no SQL, crypto or policy.
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use axum::Json;
 use axum::Router;
-use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
+use axum::extract::{DefaultBodyLimit, Request};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -154,7 +153,8 @@ pub fn routes(app: App) -> Router {
 
 /// Adds what every listener's router needs once its routes are merged: GitLab's 404 and 405
 /// bodies, the refusal of malformed strings and of oversized bodies before anything else
-/// runs, the body limit, the request log, and a 500 instead of a dropped connection.
+/// runs, the body limit, the request id, log line and metrics (`observe`), and a 500 instead
+/// of a dropped connection.
 pub fn finish(router: Router) -> Router {
     router
         .fallback(|| async {
@@ -171,7 +171,7 @@ pub fn finish(router: Router) -> Router {
         })
         .layer(axum::middleware::from_fn(refuse_malformed_strings))
         .layer(axum::middleware::from_fn(refuse_announced_oversize))
-        .layer(axum::middleware::from_fn(log_request))
+        .layer(axum::middleware::from_fn(crate::observe::observe))
         // Still needed: a chunked body announces no length and is cut off as it streams.
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(
@@ -228,26 +228,4 @@ async fn refuse_announced_oversize(request: Request, next: Next) -> Response {
         return response;
     }
     next.run(request).await
-}
-
-/// One log line per request: method, route template, status, duration. Never the query
-/// string, which may carry a token.
-async fn log_request(request: Request, next: Next) -> Response {
-    let started = Instant::now();
-    let method = request.method().clone();
-    let route = request
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or_else(|| "<unmatched>".to_owned(), |p| p.as_str().to_owned());
-    let response = next.run(request).await;
-    let elapsed = started.elapsed();
-    tracing::info!(
-        target: "kas_gateway::http",
-        %method,
-        route,
-        status = response.status().as_u16(),
-        duration_us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX),
-        "request"
-    );
-    response
 }

@@ -165,20 +165,24 @@ impl LeaseStore for PgLeases {
         if claim > 0 {
             // Free: no holder, or a holder whose lease has expired by the database's clock.
             // SKIP LOCKED: replicas claiming at once never wait for each other.
-            sqlx::query(
+            // Each claimed row says whether it had a holder: one whose lease had expired.
+            let claimed: Vec<(bool,)> = sqlx::query_as(
                 "UPDATE agent_assignments a SET holder = $1, epoch = a.epoch + 1 \
-                 FROM (SELECT f.agent_id FROM agent_assignments f \
+                 FROM (SELECT f.agent_id, f.holder FROM agent_assignments f \
                        WHERE f.holder IS NULL OR NOT EXISTS \
                          (SELECT 1 FROM replicas r \
                           WHERE r.incarnation = f.holder AND r.expires_at > now()) \
                        ORDER BY f.agent_id LIMIT $2 FOR UPDATE SKIP LOCKED) free \
-                 WHERE a.agent_id = free.agent_id",
+                 WHERE a.agent_id = free.agent_id \
+                 RETURNING free.holder IS NOT NULL",
             )
             .bind(incarnation)
             .bind(claim)
-            .execute(&self.pool)
+            .fetch_all(&self.pool)
             .await
             .map_err(Error::from)?;
+            let taken_over = claimed.iter().filter(|(had_holder,)| *had_holder).count();
+            crate::metrics::takeovers(u64::try_from(taken_over).unwrap_or(u64::MAX));
         }
         let held: Vec<(Id, i64)> =
             sqlx::query_as("SELECT agent_id, epoch FROM agent_assignments WHERE holder = $1")

@@ -226,6 +226,17 @@ pub enum AgentDeleted {
     Modified,
 }
 
+/// A connection pool's connections at one moment.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PoolStats {
+    /// Open connections, in use or idle.
+    pub size: u32,
+    /// Open connections nobody uses.
+    pub idle: u32,
+    /// The most the pool opens.
+    pub max: u32,
+}
+
 /// The domain's storage operations. Errors are the store's own: a missing row is
 /// [`Error::NotFound`], a unique violation [`Error::Conflict`], an unreachable database
 /// [`Error::Unavailable`]; the domain maps them in one place.
@@ -237,6 +248,8 @@ pub trait Store: Send + Sync + 'static {
     async fn migrate(&self) -> Result<()>;
     /// Checks that the database answers.
     async fn ping(&self) -> Result<()>;
+    /// The connection pool's connections now.
+    fn pool_stats(&self) -> PoolStats;
     /// Leases between replicas, where several can share the database (PostgreSQL); `None`
     /// where one gateway holds every agent (SQLite).
     fn leases(&self) -> Option<Arc<dyn LeaseStore>>;

@@ -61,6 +61,9 @@ impl PgStore {
         }
         let pool = PgPoolOptions::new()
             .max_connections(max_connections.max(1))
+            // Every wait for a connection, as an event the metrics count (see
+            // `metrics::PoolWaitLayer`); the log's own filter leaves these out.
+            .acquire_time_level(log::LevelFilter::Trace)
             .acquire_timeout(CONNECT_TIMEOUT)
             .connect_with(options)
             .await?;

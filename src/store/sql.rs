@@ -389,6 +389,14 @@ macro_rules! sql_store {
                 self.connection_store()
             }
 
+            fn pool_stats(&self) -> super::PoolStats {
+                super::PoolStats {
+                    size: self.pool.size(),
+                    idle: u32::try_from(self.pool.num_idle()).unwrap_or(u32::MAX),
+                    max: self.pool.options().get_max_connections(),
+                }
+            }
+
             async fn ping(&self) -> Result<()> {
                 sqlx::query("SELECT 1")
                     .execute(&self.pool)

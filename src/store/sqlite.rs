@@ -56,6 +56,9 @@ impl SqliteStore {
             .busy_timeout(Duration::from_secs(10));
         let pool = SqlitePoolOptions::new()
             .max_connections(max_connections.max(1))
+            // Every wait for a connection, as an event the metrics count (see
+            // `metrics::PoolWaitLayer`); the log's own filter leaves these out.
+            .acquire_time_level(log::LevelFilter::Trace)
             .acquire_timeout(Duration::from_secs(10))
             .connect_with(options)
             .await?;

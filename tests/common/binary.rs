@@ -16,6 +16,8 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_kas-gateway");
 pub struct Gateway {
     pub child: Child,
     pub addr: String,
+    /// The observability listener's address.
+    pub ops_addr: String,
     pub log: Arc<Mutex<Vec<String>>>,
 }
 
@@ -28,6 +30,7 @@ pub fn command(data_dir: &Path) -> Command {
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .env("KAS_GATEWAY_DATA_DIR", data_dir)
         .env("KAS_GATEWAY_LISTEN", "127.0.0.1:0")
+        .env("KAS_GATEWAY_OBSERVABILITY_LISTEN", "127.0.0.1:0")
         .env("KAS_GATEWAY_LOG_FORMAT", "json")
         .env("KAS_GATEWAY_LOG_LEVEL", "debug");
     command
@@ -96,23 +99,38 @@ impl Gateway {
         let (addr_tx, addr_rx) = std::sync::mpsc::channel();
         let sink = Arc::clone(&log);
         std::thread::spawn(move || {
+            let mut addr = None;
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
                 if let Ok(event) = serde_json::from_str::<Value>(&line)
                     && event["message"] == "listening"
-                    && event["serves"] == "REST and gRPC"
                 {
-                    let _ = addr_tx.send(event["addr"].as_str().unwrap_or_default().to_owned());
+                    let bound = event["addr"].as_str().unwrap_or_default().to_owned();
+                    if event["serves"] == "REST and gRPC" {
+                        addr = Some(bound);
+                    } else if event["serves"] == "metrics, probes and the status page" {
+                        let _ = addr_tx.send((addr.take().unwrap_or_default(), bound));
+                    }
                 }
                 sink.lock().unwrap().push(line);
             }
         });
-        let Ok(addr) = addr_rx.recv_timeout(Duration::from_secs(30)) else {
+        let Ok((addr, ops_addr)) = addr_rx.recv_timeout(Duration::from_secs(30)) else {
             let _ = child.kill();
             let _ = child.wait();
             panic!("the gateway did not start: {:?}", log.lock().unwrap());
         };
-        Self { child, addr, log }
+        Self {
+            child,
+            addr,
+            ops_addr,
+            log,
+        }
+    }
+
+    /// A URL on the observability listener.
+    pub fn ops_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.ops_addr)
     }
 
     pub fn url(&self, path: &str) -> String {
