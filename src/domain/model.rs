@@ -422,6 +422,21 @@ pub struct UrlConfiguration {
     pub created_at: Timestamp,
 }
 
+/// An agent with a URL configuration, named for people (the status page).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReceptiveAgent {
+    /// The agent's id.
+    pub agent_id: Id,
+    /// The agent's name.
+    pub agent_name: String,
+    /// Its project's id.
+    pub project_id: Id,
+    /// Its project's full path (`namespace/project`).
+    pub project_path: String,
+    /// The URL the gateway dials.
+    pub url: String,
+}
+
 /// Which secret column of a URL configuration holds its sealed key.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SecretColumn {

@@ -307,6 +307,12 @@ impl Service {
         Ok(self.store.all_url_configurations().await?)
     }
 
+    /// Every agent with a URL configuration, named, for the operators' status page (served
+    /// on the observability listener only, which reads no token).
+    pub async fn receptive_agents(&self) -> Result<Vec<super::ReceptiveAgent>> {
+        Ok(self.store.receptive_agents().await?)
+    }
+
     /// Checks the token an agent presents after the gateway dialled `agent_id`; success
     /// records its use (at most once a minute per token), written in the background within
     /// about a second together with other agents' (see [`super::last_used`]).

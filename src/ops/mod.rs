@@ -16,6 +16,8 @@ use crate::cluster::Held;
 use crate::dialer::state::Registry;
 use crate::domain::Service;
 
+mod status;
+
 /// What the observability endpoints read.
 #[derive(Clone)]
 pub struct Ops {
@@ -39,6 +41,10 @@ pub fn router(ops: Ops) -> Router {
         .route("/metrics", get(metrics))
         .route("/liveness", get(liveness))
         .route("/readiness", get(readiness))
+        .route("/", get(status::page))
+        .route("/events", get(status::events))
+        .route("/status.css", get(status::style))
+        .route("/status.js", get(status::script))
         .fallback(|| async { (StatusCode::NOT_FOUND, "404 Not Found\n") })
         .with_state(ops)
 }

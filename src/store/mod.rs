@@ -409,6 +409,9 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Paged<UrlConfiguration>>;
     /// Every URL configuration, for the dialer.
     async fn all_url_configurations(&self) -> Result<Vec<UrlConfiguration>>;
+    /// Every agent with a URL configuration, with its project's path, by project path and
+    /// agent name.
+    async fn receptive_agents(&self) -> Result<Vec<crate::domain::ReceptiveAgent>>;
     /// The agent token with this digest, whatever its status.
     async fn agent_token_by_digest(&self, digest: &TokenDigest) -> Result<Option<AgentToken>>;
     /// Records that a token authenticated an agent at `at`, unless it did so within the

@@ -1341,6 +1341,32 @@ macro_rules! sql_store {
                 Ok(rows.into_iter().map(UrlConfiguration::from).collect())
             }
 
+            async fn receptive_agents(&self) -> Result<Vec<crate::domain::ReceptiveAgent>> {
+                let rows: Vec<(Id, String, Id, String, String)> = sqlx::query_as(
+                    "SELECT c.agent_id, a.name AS agent_name, p.id AS project_id, \
+                     ns.username || '/' || p.path AS project_path, c.url \
+                     FROM agent_url_configurations c \
+                     JOIN cluster_agents a ON a.id = c.agent_id \
+                     JOIN projects p ON p.id = a.project_id \
+                     JOIN users ns ON ns.id = p.namespace_id \
+                     ORDER BY project_path, a.name",
+                )
+                .fetch_all(&self.pool)
+                .await?;
+                Ok(rows
+                    .into_iter()
+                    .map(|(agent_id, agent_name, project_id, project_path, url)| {
+                        crate::domain::ReceptiveAgent {
+                            agent_id,
+                            agent_name,
+                            project_id,
+                            project_path,
+                            url,
+                        }
+                    })
+                    .collect())
+            }
+
             async fn agent_token_by_digest(
                 &self,
                 digest: &TokenDigest,
