@@ -224,6 +224,27 @@ async fn replicas_share_the_agents_and_take_over() {
     eprintln!("a configuration created through a replica was connected within {took:?}");
 
     // kill -9 of one replica: the others take its agents once its lease has expired.
+    let held = |samples: &[(common::binary::Sample, f64)]| {
+        common::binary::metric_value(samples, "kas_gateway_cluster_agents_held", &[])
+    };
+    let takeovers = |samples: &[(common::binary::Sample, f64)]| {
+        common::binary::metric_value(samples, "kas_gateway_cluster_takeovers_total", &[])
+    };
+    let mut held_before = Vec::new();
+    for replica in replicas.iter().flatten() {
+        let samples = replica.metrics().await;
+        assert_eq!(
+            takeovers(&samples),
+            0.0,
+            "a takeover while every replica was up"
+        );
+        held_before.push(held(&samples));
+    }
+    assert_eq!(
+        held_before.iter().sum::<f64>(),
+        (AGENTS + 1) as f64,
+        "{held_before:?}"
+    );
     let mut killed = replicas[0].take().unwrap();
     killed.signal("KILL");
     killed.wait();
@@ -234,6 +255,12 @@ async fn replicas_share_the_agents_and_take_over() {
     );
     eprintln!("after kill -9, every agent was connected again within {took:?}");
     assert_never_two(&sims);
+    // The survivors counted exactly the killed replica's agents as taken over.
+    let mut taken = 0.0;
+    for replica in replicas.iter().flatten() {
+        taken += takeovers(&replica.metrics().await);
+    }
+    assert_eq!(taken, held_before[0], "takeovers counted");
 
     // SIGTERM: the replica hangs up and releases at once; the last one takes everything.
     let mut leaving = replicas[1].take().unwrap();

@@ -5,11 +5,12 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::binary::{BIN, Gateway, send, with_token};
+use common::binary::{
+    BIN, Gateway, Sample, metric_value as value, parse_metrics as parse, send, with_token,
+};
 use kas_gateway::agent_sim::{AgentSim, AgentSimConfig};
 use kas_gateway::clock::SystemClock;
 use kas_gateway::proto::agent::v1 as agent_pb;
@@ -19,44 +20,6 @@ use serde_json::{Value, json};
 use tokio::net::TcpListener;
 
 const TOKEN: &str = "glpat-observability-test-token-00";
-
-/// One sample: the metric's name and labels.
-type Sample = (String, BTreeMap<String, String>);
-
-/// Parses Prometheus' text format into samples and values.
-fn parse(text: &str) -> Vec<(Sample, f64)> {
-    text.lines()
-        .filter(|line| !line.starts_with('#') && !line.trim().is_empty())
-        .map(|line| {
-            let (series, value) = line.rsplit_once(' ').unwrap();
-            let (name, labels) = match series.split_once('{') {
-                Some((name, rest)) => (name, rest.trim_end_matches('}')),
-                None => (series, ""),
-            };
-            let labels = labels
-                .split("\",")
-                .filter(|pair| !pair.is_empty())
-                .map(|pair| {
-                    let (key, value) = pair.split_once('=').unwrap();
-                    (key.to_owned(), value.trim_matches('"').to_owned())
-                })
-                .collect();
-            ((name.to_owned(), labels), value.parse().unwrap())
-        })
-        .collect()
-}
-
-/// The value of the sample `name` with exactly these labels; 0 when it is absent.
-fn value(samples: &[(Sample, f64)], name: &str, labels: &[(&str, &str)]) -> f64 {
-    let wanted: BTreeMap<String, String> = labels
-        .iter()
-        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-        .collect();
-    samples
-        .iter()
-        .find(|((n, l), _)| n == name && *l == wanted)
-        .map_or(0.0, |(_, v)| *v)
-}
 
 async fn scrape(gateway: &Gateway) -> Vec<(Sample, f64)> {
     let response = reqwest::get(gateway.ops_url("/metrics")).await.unwrap();

@@ -208,6 +208,57 @@ impl Drop for Gateway {
     }
 }
 
+/// One sample: the metric's name and labels.
+pub type Sample = (String, std::collections::BTreeMap<String, String>);
+
+/// Parses Prometheus' text format into samples and values.
+pub fn parse_metrics(text: &str) -> Vec<(Sample, f64)> {
+    text.lines()
+        .filter(|line| !line.starts_with('#') && !line.trim().is_empty())
+        .map(|line| {
+            let (series, value) = line.rsplit_once(' ').unwrap();
+            let (name, labels) = match series.split_once('{') {
+                Some((name, rest)) => (name, rest.trim_end_matches('}')),
+                None => (series, ""),
+            };
+            let labels = labels
+                .split("\",")
+                .filter(|pair| !pair.is_empty())
+                .map(|pair| {
+                    let (key, value) = pair.split_once('=').unwrap();
+                    (key.to_owned(), value.trim_matches('"').to_owned())
+                })
+                .collect();
+            ((name.to_owned(), labels), value.parse().unwrap())
+        })
+        .collect()
+}
+
+/// The value of the sample `name` with exactly these labels; 0 when it is absent.
+pub fn metric_value(samples: &[(Sample, f64)], name: &str, labels: &[(&str, &str)]) -> f64 {
+    let wanted: std::collections::BTreeMap<String, String> = labels
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+    samples
+        .iter()
+        .find(|((n, l), _)| n == name && *l == wanted)
+        .map_or(0.0, |(_, v)| *v)
+}
+
+impl Gateway {
+    /// Every sample on the observability listener's `/metrics` now.
+    pub async fn metrics(&self) -> Vec<(Sample, f64)> {
+        let text = reqwest::get(self.ops_url("/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        parse_metrics(&text)
+    }
+}
+
 pub async fn send(
     method: reqwest::Method,
     url: &str,
