@@ -239,6 +239,7 @@ fn describe() {
         "Time spent waiting for a connection from the pool"
     );
     describe_gauge!(BUILD_INFO, "The version and commit of this build");
+    process().describe();
     gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION"), "commit" => COMMIT).set(1.0);
     counter!(DIAL_ATTEMPTS).absolute(0);
     counter!(SESSIONS_ESTABLISHED).absolute(0);
@@ -248,6 +249,17 @@ fn describe() {
     for state in STATES {
         gauge!(SESSIONS, "state" => state.as_str()).set(0.0);
     }
+}
+
+/// The standard `process_*` metrics (CPU, memory, open files, threads, start time).
+fn process() -> &'static metrics_process::Collector {
+    static PROCESS: OnceLock<metrics_process::Collector> = OnceLock::new();
+    PROCESS.get_or_init(metrics_process::Collector::default)
+}
+
+/// Reads the process's figures now, for a scrape.
+pub fn collect_process() {
+    process().collect();
 }
 
 /// Keeps the recorder's histograms from growing between scrapes, until `shutdown`.

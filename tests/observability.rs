@@ -326,6 +326,9 @@ async fn metrics_after_a_known_sequence() {
         ),
         1.0
     );
+    // The process's own figures.
+    assert!(value(&after, "process_resident_memory_bytes", &[]) > 1e6);
+    assert!(value(&after, "process_open_fds", &[]) > 5.0);
     // SQLite: one connection, and the pool's waits recorded.
     assert_eq!(
         value(&after, "kas_gateway_database_connections_max", &[]),

@@ -72,6 +72,7 @@ async fn metrics(State(ops): State<Ops>) -> Response {
         crate::metrics::agents_held(agents.len());
     }
     crate::metrics::database_pool(ops.service.store().pool_stats());
+    crate::metrics::collect_process();
     (
         [(
             header::CONTENT_TYPE,
