@@ -19,8 +19,9 @@ pub struct Gateway {
     pub log: Arc<Mutex<Vec<String>>>,
 }
 
-/// `kas-gateway` on a port of its choosing, with a data directory, JSON debug logs and
-/// nothing else from the test's environment.
+/// `kas-gateway` on ports of its choosing (the observability listener too, so that gateways
+/// started together never collide), with a data directory, JSON debug logs and nothing else
+/// from the test's environment.
 pub fn command(data_dir: &Path) -> Command {
     let mut command = Command::new(BIN);
     command
@@ -28,6 +29,7 @@ pub fn command(data_dir: &Path) -> Command {
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .env("KAS_GATEWAY_DATA_DIR", data_dir)
         .env("KAS_GATEWAY_LISTEN", "127.0.0.1:0")
+        .env("KAS_GATEWAY_OBSERVABILITY_LISTEN", "127.0.0.1:0")
         .env("KAS_GATEWAY_LOG_FORMAT", "json")
         .env("KAS_GATEWAY_LOG_LEVEL", "debug");
     command
