@@ -79,6 +79,7 @@ impl Replica {
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env("KAS_GATEWAY_DATA_DIR", &dir)
             .env("KAS_GATEWAY_LISTEN", format!("127.0.0.1:{port}"))
+            .env("KAS_GATEWAY_OBSERVABILITY_LISTEN", "127.0.0.1:0")
             .env("KAS_GATEWAY_BOOTSTRAP_TOKEN", TOKEN)
             .env("KAS_GATEWAY_DATABASE_URL", database)
             .env("KAS_GATEWAY_ENCRYPTION_KEYS", ENCRYPTION_KEYS)

@@ -189,6 +189,7 @@ impl Gateway {
             .arg("serve")
             .env("KAS_GATEWAY_DATA_DIR", data)
             .env("KAS_GATEWAY_LISTEN", format!("127.0.0.1:{port}"))
+            .env("KAS_GATEWAY_OBSERVABILITY_LISTEN", "127.0.0.1:0")
             .env("KAS_GATEWAY_BOOTSTRAP_TOKEN", TOKEN)
             .env("KAS_GATEWAY_LOG_LEVEL", "warn")
             .stdout(Stdio::null())

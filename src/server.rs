@@ -295,7 +295,7 @@ pub async fn start(
                 membership.incarnation(),
                 config.private_api.as_ref().map(|private| {
                     crate::cluster::private_api::Forwarder::new(
-                        private.secret.clone(),
+                        private.secret.expose().clone(),
                         clock.clone(),
                     )
                 }),
@@ -337,7 +337,7 @@ pub async fn start(
     let grpc = crate::grpc::router(
         crate::grpc::Api::new(
             service.clone(),
-            config.gitlab_secret.clone(),
+            config.gitlab_secret.as_ref().map(|s| s.expose().clone()),
             config.gitlab_issuer.clone(),
             shutdown.clone(),
         ),
@@ -386,7 +386,7 @@ pub async fn start(
             None,
             rest::finish(crate::cluster::private_api::router(
                 Arc::clone(&registry),
-                private.secret.clone(),
+                private.secret.expose().clone(),
                 clock,
             )),
             listener::Shared::new(limits),

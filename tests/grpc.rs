@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use common::{Backend, Gateway, ROOT_TOKEN, START};
 use kas_gateway::agent_sim::AgentSim;
-use kas_gateway::crypto::jwt;
+use kas_gateway::crypto::{SecretBytes, jwt};
 use kas_gateway::proto::agent::v1::AgentMetadata;
 use kas_gateway::proto::v1 as pb;
 use pb::agents_client::AgentsClient;
@@ -28,7 +28,7 @@ type Metadata = Option<(&'static str, String)>;
 
 async fn gateway(backend: Backend) -> Option<Gateway> {
     Gateway::start_with(backend, |config| {
-        config.gitlab_secret = Some(zeroize::Zeroizing::new(SECRET.to_vec()));
+        config.gitlab_secret = Some(SecretBytes::new(zeroize::Zeroizing::new(SECRET.to_vec())));
         config.dialer.backoff.base = Duration::from_millis(100);
         config.dialer.backoff.max = Duration::from_millis(300);
         config.dialer.heartbeat_interval = Duration::from_millis(200);
@@ -302,7 +302,7 @@ async fn calls_signed_as_gitlab_signs_them(
 
     // With KAS_GATEWAY_GITLAB_ISSUER, exactly that one.
     let Some(gw) = Gateway::start_with(backend, |config| {
-        config.gitlab_secret = Some(zeroize::Zeroizing::new(SECRET.to_vec()));
+        config.gitlab_secret = Some(SecretBytes::new(zeroize::Zeroizing::new(SECRET.to_vec())));
         config.gitlab_issuer = Some("gitlab.example.com".into());
     })
     .await

@@ -359,6 +359,7 @@ async fn out_of_file_descriptors_the_listener_pauses() {
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .env("KAS_GATEWAY_DATA_DIR", dir.path())
         .env("KAS_GATEWAY_LISTEN", "127.0.0.1:0")
+        .env("KAS_GATEWAY_OBSERVABILITY_LISTEN", "127.0.0.1:0")
         .env("KAS_GATEWAY_LOG_FORMAT", "json")
         .env("KAS_GATEWAY_LOG_LEVEL", "info")
         .env("KAS_GATEWAY_BOOTSTRAP_TOKEN", TOKEN)

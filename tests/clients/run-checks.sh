@@ -57,6 +57,7 @@ start_gateway() {
     gitlab_secret="$(cat "$secret_file")"
     KAS_GATEWAY_DATA_DIR="$data_dir" \
     KAS_GATEWAY_LISTEN="127.0.0.1:$port" \
+    KAS_GATEWAY_OBSERVABILITY_LISTEN=127.0.0.1:0 \
     KAS_GATEWAY_BOOTSTRAP_TOKEN="$token" \
     KAS_GATEWAY_GITLAB_SECRET_FILE="$secret_file" \
         "$gateway_bin" serve >"$data_dir/server.log" 2>&1 &

@@ -21,8 +21,9 @@ pub struct Gateway {
     pub log: Arc<Mutex<Vec<String>>>,
 }
 
-/// `kas-gateway` on a port of its choosing, with a data directory, JSON debug logs and
-/// nothing else from the test's environment.
+/// `kas-gateway` on ports of its choosing (the observability listener too, so that gateways
+/// started together never collide), with a data directory, JSON debug logs and nothing else
+/// from the test's environment.
 pub fn command(data_dir: &Path) -> Command {
     let mut command = Command::new(BIN);
     command

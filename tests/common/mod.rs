@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use kas_gateway::clock::ManualClock;
-use kas_gateway::config::Config;
+use kas_gateway::config::{Config, DatabaseUrl};
 use kas_gateway::crypto::Secret;
 use kas_gateway::domain::Timestamp;
 use kas_gateway::server;
@@ -176,9 +176,9 @@ impl Gateway {
             }
             Backend::Postgres => Some(PgDatabase::create().await),
         };
-        let mut config = Config::with_data_dir(data_dir.path());
+        let mut config = Config::with_data_dir(data_dir.path()).unwrap();
         if let Some(pg) = &pg {
-            config.database_url = Secret::new(pg.url.clone());
+            config.database_url = DatabaseUrl::new(pg.url.clone());
             config.encryption_keys = Some(Secret::new(PG_ENCRYPTION_KEYS));
         }
         config.listen = "127.0.0.1:0".parse().unwrap();
