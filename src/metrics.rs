@@ -243,6 +243,8 @@ fn describe() {
     gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION"), "commit" => COMMIT).set(1.0);
     counter!(DIAL_ATTEMPTS).absolute(0);
     counter!(SESSIONS_ESTABLISHED).absolute(0);
+    counter!(TAKEOVERS).absolute(0);
+    counter!(LEASES_LOST).absolute(0);
     for cause in Cause::ALL {
         counter!(DIAL_FAILURES, "cause" => cause.as_str()).absolute(0);
     }
