@@ -98,8 +98,17 @@ pub struct AgentSim {
 }
 
 impl AgentSim {
-    /// Starts serving on `listener`.
+    /// Starts serving on `listener`, with no upstream: tunnelled requests get `UNAVAILABLE`.
     pub fn start(config: AgentSimConfig, listener: TcpListener) -> anyhow::Result<Self> {
+        Self::start_with_upstream(config, None, listener)
+    }
+
+    /// Starts serving on `listener`, forwarding tunnelled requests to `upstream`.
+    pub fn start_with_upstream(
+        config: AgentSimConfig,
+        upstream: Option<Arc<crate::agent::Upstream>>,
+        listener: TcpListener,
+    ) -> anyhow::Result<Self> {
         let addr = listener.local_addr()?;
         let events = Arc::new(SimEvents::default());
         let shutdown = CancellationToken::new();
@@ -113,6 +122,7 @@ impl AgentSim {
         }
         let service = ReceptiveAgentServer::new(SimAgent {
             config,
+            upstream,
             events: Arc::clone(&events),
             shutdown: shutdown.clone(),
         });
@@ -141,36 +151,54 @@ impl AgentSim {
 
 struct SimAgent {
     config: AgentSimConfig,
+    upstream: Option<Arc<crate::agent::Upstream>>,
     events: Arc<SimEvents>,
     shutdown: CancellationToken,
 }
 
 type SessionStream = Pin<Box<dyn Stream<Item = Result<pb::AgentMessage, Status>> + Send>>;
 
+impl SimAgent {
+    /// In JWT mode, the call's JWT must verify with the configuration's public key.
+    fn verify(&self, metadata: &tonic::metadata::MetadataMap) -> Result<(), Status> {
+        let Some(public_key) = &self.config.jwt_public_key else {
+            return Ok(());
+        };
+        let token = metadata
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        let now = self.config.clock.now();
+        if let Err(error) = jwt::verify_for(token, public_key, &self.config.jwt_audience, now, 0) {
+            tracing::warn!(%error, "rejected the gateway's JWT");
+            SimEvents::push(&self.events.jwt_rejections, error.to_string());
+            return Err(Status::unauthenticated(format!("JWT rejected: {error}")));
+        }
+        Ok(())
+    }
+}
+
 #[tonic::async_trait]
 impl ReceptiveAgent for SimAgent {
     type SessionStream = SessionStream;
+    type TunnelStream = crate::agent::TunnelStream;
+
+    async fn tunnel(
+        &self,
+        request: Request<Streaming<pb::TunnelRequest>>,
+    ) -> Result<Response<Self::TunnelStream>, Status> {
+        self.verify(request.metadata())?;
+        crate::agent::tunnel(self.upstream.clone(), request.into_inner())
+            .await
+            .map(Response::new)
+    }
 
     async fn session(
         &self,
         request: Request<Streaming<pb::GatewayMessage>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
-        if let Some(public_key) = &self.config.jwt_public_key {
-            let token = request
-                .metadata()
-                .get("authorization")
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.strip_prefix("Bearer "))
-                .unwrap_or("");
-            let now = self.config.clock.now();
-            if let Err(error) =
-                jwt::verify_for(token, public_key, &self.config.jwt_audience, now, 0)
-            {
-                tracing::warn!(%error, "rejected the gateway's JWT");
-                SimEvents::push(&self.events.jwt_rejections, error.to_string());
-                return Err(Status::unauthenticated(format!("JWT rejected: {error}")));
-            }
-        }
+        self.verify(request.metadata())?;
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(16);
         let hello = pb::AgentMessage {

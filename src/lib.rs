@@ -1,5 +1,6 @@
 //! kas-gateway: the GitLab side of receptive Kubernetes agents, as a standalone service.
 
+pub mod agent;
 pub mod agent_sim;
 pub mod certs;
 pub mod clock;

@@ -865,6 +865,14 @@ type MisbehavingStream = std::pin::Pin<
 #[tonic::async_trait]
 impl pb::receptive_agent_server::ReceptiveAgent for Misbehaving {
     type SessionStream = MisbehavingStream;
+    type TunnelStream = kas_gateway::agent::TunnelStream;
+
+    async fn tunnel(
+        &self,
+        _request: tonic::Request<tonic::Streaming<pb::TunnelRequest>>,
+    ) -> Result<tonic::Response<Self::TunnelStream>, tonic::Status> {
+        Err(tonic::Status::unimplemented("a misbehaving agent"))
+    }
 
     async fn session(
         &self,

@@ -138,6 +138,23 @@ impl Sessions for ClusterSessions {
             .request(&replica, &url, agent_id, method, payload, timeout)
             .await
     }
+
+    async fn proxy(
+        &self,
+        agent_id: Id,
+        user: &crate::domain::ProxyUser,
+        request: http::Request<axum::body::Body>,
+    ) -> Result<http::Response<axum::body::Body>, RequestError> {
+        if self.local.get(agent_id).is_some() {
+            return self.local.proxy(agent_id, user, request).await;
+        }
+        // Streams are not forwarded between replicas yet: say who holds the agent.
+        let (replica, _) = self.holder(agent_id).await?;
+        Err(RequestError::HolderUnreachable {
+            replica,
+            reason: "requests to an agent's cluster are not forwarded between replicas yet".into(),
+        })
+    }
 }
 
 /// Writes this replica's transitions to the database in batches: the newest state of each

@@ -7,6 +7,7 @@
 pub mod connect;
 pub mod session;
 pub mod state;
+pub mod tunnel;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -88,6 +89,8 @@ pub struct DialerSettings {
     /// At most this many dials at once, each from its TCP connect until its session is
     /// accepted or fails.
     pub max_concurrent_dials: usize,
+    /// Requests through one agent's session at most at once (each its own HTTP/2 stream).
+    pub max_tunnel_streams: usize,
 }
 
 impl Default for DialerSettings {
@@ -104,6 +107,7 @@ impl Default for DialerSettings {
             backoff_reset_after: Duration::from_secs(60),
             denied_networks: DeniedNetworks::default(),
             max_concurrent_dials: 256,
+            max_tunnel_streams: 500,
         }
     }
 }
@@ -494,7 +498,7 @@ async fn keep_connected(
         });
         crate::metrics::dial_attempt();
         let outcome = session::run(
-            port.as_ref(),
+            &port,
             &registry,
             &config,
             first_credentials.take(),

@@ -52,7 +52,7 @@ pub struct Ended {
 /// credentials unless `credentials` brings them, DNS, TCP, TLS, HTTP/2, the session call, the
 /// hello) ends at once when `cancel` is cancelled, and each has its own deadline.
 pub async fn run(
-    port: &dyn super::Port,
+    port: &Arc<dyn super::Port>,
     registry: &Registry,
     config: &UrlConfiguration,
     credentials: Option<crate::domain::Result<DialCredentials>>,
@@ -71,7 +71,7 @@ pub async fn run(
 /// a task of its own, without tonic's `Channel` (a request queue with a worker task and
 /// reconnection, none of which a session needs: it is one call, and redialled as a whole).
 #[derive(Clone)]
-struct Http2(hyper::client::conn::http2::SendRequest<tonic::body::Body>);
+pub(super) struct Http2(hyper::client::conn::http2::SendRequest<tonic::body::Body>);
 
 impl tower::Service<http::Request<tonic::body::Body>> for Http2 {
     type Response = http::Response<hyper::body::Incoming>;
@@ -127,7 +127,7 @@ impl Drop for Closing {
 }
 
 async fn attempt(
-    port: &dyn super::Port,
+    port: &Arc<dyn super::Port>,
     registry: &Registry,
     config: &UrlConfiguration,
     credentials: Option<crate::domain::Result<DialCredentials>>,
@@ -170,7 +170,7 @@ async fn attempt(
             } else {
                 None
             };
-            (tls, Some(signer))
+            (tls, Some(Arc::new(signer)))
         }
         DialCredentials::Mtls { client_key } => {
             let cert = config.client_cert.as_deref().ok_or_else(|| {
@@ -236,6 +236,7 @@ async fn attempt(
     let origin = http::Uri::try_from(format!("http://{}", target.authority()))
         .map_err(|e| DialError::permanent(format!("invalid endpoint: {e}")))?;
     let mut client = tonic::client::Grpc::with_origin(Http2(sender), origin);
+    let tunnel_client = client.clone();
 
     let (outbound, outbound_rx) = mpsc::channel::<pb::GatewayMessage>(16);
     let mut request = tonic::Request::new(ReceiverStream::new(outbound_rx));
@@ -334,6 +335,21 @@ async fn attempt(
         .map_err(|_| DialError::transient("the agent closed the session").because(Cause::Closed))?;
     drop(turn);
     crate::metrics::session_established(handshake, call_started.elapsed());
+    // Requests to the agent's cluster go through this connection while the session is up.
+    registry.set_tunnels(
+        config.agent_id,
+        Some(super::tunnel::Tunnels::new(
+            config.agent_id,
+            tunnel_client,
+            signer.clone(),
+            Arc::clone(port),
+            settings.max_tunnel_streams,
+        )),
+    );
+    let _tunnels_open = TunnelsOpen {
+        registry,
+        agent_id: config.agent_id,
+    };
     let metadata = hello.metadata.unwrap_or_default();
     let now = port.now();
     registry.update(config.agent_id, |c| {
@@ -427,6 +443,18 @@ async fn attempt(
                 Err(status) => return ended(Some(explain_status(&status))),
             }
         }
+    }
+}
+
+/// Closes an agent's tunnels when its session ends, however it ends.
+struct TunnelsOpen<'a> {
+    registry: &'a Registry,
+    agent_id: crate::domain::Id,
+}
+
+impl Drop for TunnelsOpen<'_> {
+    fn drop(&mut self) {
+        self.registry.set_tunnels(self.agent_id, None);
     }
 }
 

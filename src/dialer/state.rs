@@ -23,6 +23,7 @@ pub struct Registry {
     holds: Arc<Mutex<HashMap<Id, usize>>>,
     connections: Mutex<HashMap<Id, Connection>>,
     sessions: Mutex<HashMap<Id, mpsc::Sender<SessionRequest>>>,
+    tunnels: Mutex<HashMap<Id, super::tunnel::Tunnels>>,
     wakers: Mutex<HashMap<Id, Arc<Notify>>>,
     changes: broadcast::Sender<Connection>,
 }
@@ -36,6 +37,7 @@ impl Registry {
             holds: Arc::new(Mutex::new(HashMap::new())),
             connections: Mutex::new(HashMap::new()),
             sessions: Mutex::new(HashMap::new()),
+            tunnels: Mutex::new(HashMap::new()),
             wakers: Mutex::new(HashMap::new()),
             changes,
         }
@@ -146,6 +148,36 @@ impl Registry {
             Ok(Err(_)) => Err(RequestError::SessionEnded),
             Ok(Ok(response)) => Ok(response),
         }
+    }
+
+    /// Opens (with `Some`) or closes an agent's tunnels, as its session comes up or ends.
+    pub fn set_tunnels(&self, agent_id: Id, tunnels: Option<super::tunnel::Tunnels>) {
+        let mut map = match self.tunnels.lock() {
+            Ok(map) => map,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        match tunnels {
+            Some(tunnels) => map.insert(agent_id, tunnels),
+            None => map.remove(&agent_id),
+        };
+    }
+
+    /// Sends an HTTP request through the agent's live session.
+    pub async fn proxy(
+        &self,
+        agent_id: Id,
+        user: &crate::domain::ProxyUser,
+        request: http::Request<axum::body::Body>,
+    ) -> Result<http::Response<axum::body::Body>, RequestError> {
+        if self.get(agent_id).map(|c| c.phase) != Some(Phase::Connected) {
+            return Err(RequestError::NotConnected);
+        }
+        let tunnels = match self.tunnels.lock() {
+            Ok(map) => map.get(&agent_id).cloned(),
+            Err(poisoned) => poisoned.into_inner().get(&agent_id).cloned(),
+        }
+        .ok_or(RequestError::NotConnected)?;
+        tunnels.send(user, request).await
     }
 
     /// What wakes an agent's dialling loop out of its backoff.
@@ -278,5 +310,14 @@ impl Sessions for Registry {
                 ok: response.status() == pb::response::Status::Ok,
                 payload: response.payload,
             })
+    }
+
+    async fn proxy(
+        &self,
+        agent_id: Id,
+        user: &crate::domain::ProxyUser,
+        request: http::Request<axum::body::Body>,
+    ) -> Result<http::Response<axum::body::Body>, RequestError> {
+        Registry::proxy(self, agent_id, user, request).await
     }
 }

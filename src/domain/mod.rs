@@ -14,8 +14,10 @@ pub use error::{Error, Missing, ParamProblem, Result};
 pub use model::*;
 pub use service::{
     AGENT_TOKEN_LIMIT, AgentRefusal, Caller, DialCredentials, Intent, MAX_PEM_LEN, MAX_URL_LEN,
-    NewProjectInput, NewTokenInput, NewUserInput, Service, Settings, UrlConfigurationInput,
+    NewProjectInput, NewTokenInput, NewUserInput, ProxyAccess, Service, Settings,
+    UrlConfigurationInput,
 };
 pub use sessions::{
-    AgentMetadata, Connection, NoSessions, Phase, RequestError, SessionResponse, Sessions,
+    AgentMetadata, Connection, NoSessions, Phase, ProxyUser, RequestError, SessionResponse,
+    Sessions,
 };

@@ -166,6 +166,8 @@ pub enum Scope {
     ReadApi,
     /// Acting as another user (`Sudo`), for administrators' tokens.
     Sudo,
+    /// The Kubernetes API of agents' clusters, through the gateway (`/k8s-proxy`).
+    K8sProxy,
 }
 
 impl Scope {
@@ -175,6 +177,7 @@ impl Scope {
             Self::Api => "api",
             Self::ReadApi => "read_api",
             Self::Sudo => "sudo",
+            Self::K8sProxy => "k8s_proxy",
         }
     }
 
@@ -184,6 +187,7 @@ impl Scope {
             "api" => Some(Self::Api),
             "read_api" => Some(Self::ReadApi),
             "sudo" => Some(Self::Sudo),
+            "k8s_proxy" => Some(Self::K8sProxy),
             _ => None,
         }
     }

@@ -41,6 +41,19 @@ pub enum Intent {
     Read,
     /// Everything else: needs `api`.
     Write,
+    /// The Kubernetes API proxy: needs `k8s_proxy` (`api` alone is not enough, as in GitLab).
+    KubernetesProxy,
+}
+
+/// A caller of the Kubernetes API proxy, allowed to reach an agent's cluster.
+#[derive(Clone, Debug)]
+pub struct ProxyAccess {
+    /// Who.
+    pub caller: Caller,
+    /// Whose cluster.
+    pub agent: Agent,
+    /// Their role on the agent's project (`None` for an administrator who is not a member).
+    pub access_level: Option<AccessLevel>,
 }
 
 /// An authenticated caller.
@@ -456,9 +469,14 @@ impl Service {
                 .iter()
                 .any(|s| matches!(s, Scope::Api | Scope::ReadApi)),
             Intent::Write => pat.scopes.contains(&Scope::Api),
+            Intent::KubernetesProxy => pat.scopes.contains(&Scope::K8sProxy),
         };
         if !allowed {
-            return Err(Error::InsufficientScope { scope: "api" });
+            let scope = match intent {
+                Intent::KubernetesProxy => "k8s_proxy",
+                Intent::Read | Intent::Write => "api",
+            };
+            return Err(Error::InsufficientScope { scope });
         }
         self.touch_personal_token(&pat).await?;
         Ok(Caller {
@@ -1313,6 +1331,42 @@ impl Service {
         } else {
             Err(Error::NotFound(Missing::Resource))
         }
+    }
+
+    /// Who may reach agent `agent_id`'s cluster through the Kubernetes API proxy: a token
+    /// with the `k8s_proxy` scope whose user is at least a Developer of the agent's project
+    /// (administrators too), with their role there.
+    pub async fn kubernetes_proxy_access(
+        &self,
+        token: Option<&str>,
+        agent_id: Id,
+    ) -> Result<ProxyAccess> {
+        let caller = self
+            .authenticate(token, Intent::KubernetesProxy, None)
+            .await?;
+        let agent = self
+            .store
+            .agent_by_id(agent_id)
+            .await?
+            .ok_or(Error::NotFound(Missing::Record))?;
+        let (_, level) = self
+            .project_with_role(
+                &caller,
+                &ProjectRef::Id(agent.project.id),
+                AccessLevel::Developer,
+                Error::Forbidden,
+            )
+            .await
+            // Whether the project exists is not for a non-member to learn here either.
+            .map_err(|e| match e {
+                Error::NotFound(Missing::Project) => Error::Forbidden,
+                e => e,
+            })?;
+        Ok(ProxyAccess {
+            caller,
+            agent,
+            access_level: level,
+        })
     }
 
     /// An agent by id alone (for callers that address agents globally, such as the gRPC

@@ -106,6 +106,28 @@ pub enum RequestError {
     /// The state could not be read (the database).
     #[error("{0}")]
     Store(String),
+    /// The agent already has as many requests open through it as allowed.
+    #[error("too many requests are open through the agent right now; try again shortly")]
+    TooManyStreams,
+    /// A request through the session failed before its response started.
+    #[error("{0}")]
+    Tunnel(String),
+}
+
+/// The GitLab user a request through a session is made for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProxyUser {
+    /// User id.
+    pub id: Id,
+    /// Username.
+    pub username: String,
+    /// GitLab's access level on the agent's project (0 for an administrator who is not a
+    /// member).
+    pub access_level: i32,
+    /// The agent's project.
+    pub project_id: Id,
+    /// Its path, `namespace/project`.
+    pub project_path: String,
 }
 
 /// An agent's answer to a request sent through its session.
@@ -137,6 +159,14 @@ pub trait Sessions: Send + Sync + std::fmt::Debug {
         payload: Vec<u8>,
         timeout: Duration,
     ) -> Result<SessionResponse, RequestError>;
+    /// Sends an HTTP request to the agent's cluster (its path relative to the cluster's
+    /// Kubernetes API) through its live session; the response streams back.
+    async fn proxy(
+        &self,
+        agent_id: Id,
+        user: &ProxyUser,
+        request: http::Request<axum::body::Body>,
+    ) -> Result<http::Response<axum::body::Body>, RequestError>;
 }
 
 /// No sessions at all: for the command-line tools, which dial nothing.
@@ -178,6 +208,15 @@ impl Sessions for NoSessions {
         _payload: Vec<u8>,
         _timeout: Duration,
     ) -> Result<SessionResponse, RequestError> {
+        Err(RequestError::NotConnected)
+    }
+
+    async fn proxy(
+        &self,
+        _agent_id: Id,
+        _user: &ProxyUser,
+        _request: http::Request<axum::body::Body>,
+    ) -> Result<http::Response<axum::body::Body>, RequestError> {
         Err(RequestError::NotConnected)
     }
 }

@@ -583,9 +583,11 @@ fn request_status(error: &RequestError) -> Status {
     match error {
         RequestError::NotConnected => Status::failed_precondition(error.to_string()),
         RequestError::Timeout => Status::deadline_exceeded(error.to_string()),
+        RequestError::TooManyStreams => Status::resource_exhausted(error.to_string()),
         RequestError::SessionEnded
         | RequestError::NoHolder
         | RequestError::HolderUnreachable { .. }
+        | RequestError::Tunnel(_)
         | RequestError::Store(_) => Status::unavailable(error.to_string()),
     }
 }

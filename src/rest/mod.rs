@@ -21,6 +21,7 @@ use crate::respond::Respond;
 pub mod agents;
 pub mod extract;
 pub mod health;
+pub mod k8s_proxy;
 pub mod metadata;
 pub mod paginate;
 pub mod projects;
@@ -140,6 +141,14 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
 pub fn routes(app: App) -> Router {
     let (routes, document) = api();
     let document = Arc::new(document);
+    let routes = k8s_proxy::PREFIXES.iter().fold(routes, |routes, prefix| {
+        routes
+            .route(prefix, axum::routing::any(k8s_proxy::proxy))
+            .route(
+                &format!("{prefix}/{{*path}}"),
+                axum::routing::any(k8s_proxy::proxy),
+            )
+    });
     routes
         .route(
             "/api/v4/openapi.json",
@@ -215,7 +224,10 @@ async fn refuse_announced_oversize(request: Request, next: Next) -> Response {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u64>().ok());
     let limit = u64::try_from(MAX_BODY_BYTES).unwrap_or(u64::MAX);
-    if announced.is_some_and(|length| length > limit) && !is_grpc(&request) {
+    if announced.is_some_and(|length| length > limit)
+        && !is_grpc(&request)
+        && !k8s_proxy::is_proxy_path(request.uri().path())
+    {
         let mut response = Error::PayloadTooLarge.into_response();
         // The unread body leaves the connection unusable; say so rather than let an
         // HTTP/1.1 client send its next request into it. (HTTP/2 forbids the header.)

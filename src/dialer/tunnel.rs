@@ -1,0 +1,202 @@
+//! Requests through a live session: each HTTP request becomes its own `Tunnel` stream on the
+//! agent's HTTP/2 connection, authenticated as the session call is (a fresh JWT, or the
+//! connection's client certificate). Bodies stream both ways; dropping the response (the
+//! client went away) resets the stream, which cancels the request at the agent and upstream.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use bytes::Bytes;
+use ring::signature::Ed25519KeyPair;
+use tokio::sync::{Semaphore, mpsc};
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::ReceiverStream;
+
+use super::session::Http2;
+use crate::crypto::jwt;
+use crate::domain::{Id, ProxyUser, RequestError};
+use crate::proto::agent::v1 as pb;
+use crate::proto::codec::StrictCodec;
+
+/// gRPC path of the tunnel call.
+const TUNNEL_PATH: &str = "/kas_gateway.agent.v1.ReceptiveAgent/Tunnel";
+
+/// The largest request body chunk sent in one message.
+const MAX_CHUNK: usize = 32 * 1024;
+
+/// What opens tunnels to one agent while its session is up.
+#[derive(Clone)]
+pub struct Tunnels {
+    agent_id: Id,
+    grpc: tonic::client::Grpc<Http2>,
+    signer: Option<Arc<Ed25519KeyPair>>,
+    port: Arc<dyn super::Port>,
+    /// Streams open to this agent at most at once.
+    streams: Arc<Semaphore>,
+}
+
+impl std::fmt::Debug for Tunnels {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tunnels")
+            .field("agent_id", &self.agent_id)
+            .field("available", &self.streams.available_permits())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Tunnels {
+    /// Tunnels over a session's connection.
+    pub(super) fn new(
+        agent_id: Id,
+        grpc: tonic::client::Grpc<Http2>,
+        signer: Option<Arc<Ed25519KeyPair>>,
+        port: Arc<dyn super::Port>,
+        max_streams: usize,
+    ) -> Self {
+        Self {
+            agent_id,
+            grpc,
+            signer,
+            port,
+            streams: Arc::new(Semaphore::new(max_streams)),
+        }
+    }
+
+    /// Sends `request` (its path and query relative to the agent's Kubernetes API) through
+    /// the agent for `user`; the response streams back as the agent sends it.
+    pub async fn send(
+        &self,
+        user: &ProxyUser,
+        request: http::Request<Body>,
+    ) -> Result<http::Response<Body>, RequestError> {
+        let permit = Arc::clone(&self.streams)
+            .try_acquire_owned()
+            .map_err(|_| RequestError::TooManyStreams)?;
+        let (parts, body) = request.into_parts();
+        let path = parts
+            .uri
+            .path_and_query()
+            .map_or("/", http::uri::PathAndQuery::as_str)
+            .to_owned();
+        let head = pb::RequestHead {
+            agent_id: self.agent_id,
+            method: parts.method.as_str().to_owned(),
+            path,
+            headers: crate::agent::upstream::to_headers(&parts.headers),
+            user: Some(pb::GitLabUser {
+                id: user.id,
+                username: user.username.clone(),
+                access_level: user.access_level,
+                project_path: user.project_path.clone(),
+                project_id: user.project_id,
+            }),
+        };
+        let (tx, rx) = mpsc::channel::<pb::TunnelRequest>(4);
+        let _ = tx
+            .send(pb::TunnelRequest {
+                message: Some(pb::tunnel_request::Message::Head(head)),
+            })
+            .await;
+        tokio::spawn(send_body(body, tx));
+        let mut call = tonic::Request::new(ReceiverStream::new(rx));
+        if let Some(signer) = &self.signer {
+            let token = jwt::sign(signer, &jwt::Claims::issued_at(self.port.now()))
+                .map_err(|e| RequestError::Tunnel(format!("cannot sign the JWT: {e}")))?;
+            let value = format!("Bearer {token}")
+                .parse()
+                .map_err(|_| RequestError::Tunnel("the JWT is not a header value".into()))?;
+            call.metadata_mut().insert("authorization", value);
+        }
+        let mut grpc = self.grpc.clone();
+        grpc.ready().await.map_err(|_| RequestError::SessionEnded)?;
+        let mut inbound = grpc
+            .streaming(
+                call,
+                http::uri::PathAndQuery::from_static(TUNNEL_PATH),
+                StrictCodec::<pb::TunnelRequest, pb::TunnelResponse>::default(),
+            )
+            .await
+            .map_err(tunnel_error)?
+            .into_inner();
+        let head = match inbound.message().await.map_err(tunnel_error)? {
+            Some(pb::TunnelResponse {
+                message: Some(pb::tunnel_response::Message::Head(head)),
+            }) => head,
+            _ => {
+                return Err(RequestError::Tunnel(
+                    "the agent did not answer with a response head".into(),
+                ));
+            }
+        };
+        let mut response = http::Response::builder().status(
+            u16::try_from(head.status)
+                .ok()
+                .and_then(|s| http::StatusCode::from_u16(s).ok())
+                .unwrap_or(http::StatusCode::BAD_GATEWAY),
+        );
+        if let Some(headers) = response.headers_mut() {
+            for header in head.headers {
+                let Ok(name) = http::HeaderName::from_bytes(header.name.as_bytes()) else {
+                    continue;
+                };
+                if crate::agent::upstream::is_hop_by_hop(&name) {
+                    continue;
+                }
+                for value in header.values {
+                    if let Ok(value) = http::HeaderValue::from_bytes(&value) {
+                        headers.append(name.clone(), value);
+                    }
+                }
+            }
+        }
+        // The permit goes with the body: the stream counts until the response ends.
+        let body = inbound.filter_map(move |message| {
+            let _streaming = &permit;
+            match message {
+                Ok(pb::TunnelResponse {
+                    message: Some(pb::tunnel_response::Message::Body(chunk)),
+                }) => Some(Ok(Bytes::from(chunk))),
+                Ok(_) => None,
+                Err(status) => Some(Err(std::io::Error::other(status.message().to_owned()))),
+            }
+        });
+        response
+            .body(Body::from_stream(body))
+            .map_err(|e| RequestError::Tunnel(format!("invalid response from the agent: {e}")))
+    }
+}
+
+/// Streams a request body into the tunnel in chunks. A body that breaks off (the client went
+/// away) must not look complete to the agent: the stream is then left open until the call is
+/// dropped, never ended.
+async fn send_body(body: Body, tx: mpsc::Sender<pb::TunnelRequest>) {
+    let mut data = body.into_data_stream();
+    while let Some(chunk) = data.next().await {
+        let Ok(chunk) = chunk else {
+            tx.closed().await;
+            return;
+        };
+        for part in chunk.chunks(MAX_CHUNK) {
+            let message = pb::TunnelRequest {
+                message: Some(pb::tunnel_request::Message::Body(part.to_vec())),
+            };
+            if tx.send(message).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// Why a tunnel call failed, in words.
+fn tunnel_error(status: tonic::Status) -> RequestError {
+    match status.code() {
+        tonic::Code::Unauthenticated => RequestError::Tunnel(format!(
+            "the agent rejected the gateway's credentials: {}",
+            status.message()
+        )),
+        tonic::Code::Unimplemented => {
+            RequestError::Tunnel("the agent does not support tunnelled requests (too old?)".into())
+        }
+        _ => RequestError::Tunnel(status.message().to_owned()),
+    }
+}
