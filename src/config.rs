@@ -166,6 +166,20 @@ settings! {
     log_format: LogFormat = "text", "KAS_GATEWAY_LOG_FORMAT",
         "Log format";
 
+    // The Kubernetes API proxy.
+    k8s_proxy_max_streams_per_agent: usize = "500",
+        "KAS_GATEWAY_K8S_PROXY_MAX_STREAMS_PER_AGENT",
+        "Requests open through one agent's session at once";
+    k8s_proxy_max_requests_per_user: usize = "100",
+        "KAS_GATEWAY_K8S_PROXY_MAX_REQUESTS_PER_USER",
+        "Requests one GitLab user may have open through this replica at once";
+    k8s_proxy_max_body_bytes: u64 = "16777216", "KAS_GATEWAY_K8S_PROXY_MAX_BODY_BYTES",
+        "Largest request body passed on to an agent's cluster, in bytes";
+    k8s_proxy_idle_timeout_seconds: u64 = "900", "KAS_GATEWAY_K8S_PROXY_IDLE_TIMEOUT_SECONDS",
+        "Seconds a proxied response may go without a byte (a quiet watch) before it is ended";
+    k8s_proxy_timeout_seconds: u64 = "3600", "KAS_GATEWAY_K8S_PROXY_TIMEOUT_SECONDS",
+        "Seconds a proxied request may last in all (a long watch)";
+
     // Observability.
     observability_listen: SocketAddr = "127.0.0.1:8151", "KAS_GATEWAY_OBSERVABILITY_LISTEN",
         "Listener of the observability endpoints: Prometheus /metrics, /liveness, /readiness \
@@ -246,6 +260,21 @@ pub struct Config {
     /// The replicas' private API: where it listens, the URL the others reach it at, and the
     /// shared secret its calls are signed with.
     pub private_api: Option<PrivateApiConfig>,
+    /// The Kubernetes API proxy's limits.
+    pub k8s_proxy: ProxyLimits,
+}
+
+/// The Kubernetes API proxy's limits (the streams per agent are the dialer's).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProxyLimits {
+    /// Requests one user may have open through this replica at once.
+    pub max_requests_per_user: usize,
+    /// Largest request body, in bytes.
+    pub max_body_bytes: u64,
+    /// A response with no byte for this long is ended.
+    pub idle_timeout: Duration,
+    /// A request lasting this long in all is ended.
+    pub timeout: Duration,
 }
 
 /// The private API between replicas.
@@ -417,6 +446,21 @@ impl Config {
                 settings.private_api_url,
                 settings.private_api_secret_file,
             )?,
+            k8s_proxy: ProxyLimits {
+                max_requests_per_user: at_least_one(
+                    "Kubernetes proxy's requests per user",
+                    settings.k8s_proxy_max_requests_per_user,
+                )?,
+                max_body_bytes: settings.k8s_proxy_max_body_bytes,
+                idle_timeout: seconds(
+                    "Kubernetes proxy's idle timeout",
+                    settings.k8s_proxy_idle_timeout_seconds,
+                )?,
+                timeout: seconds(
+                    "Kubernetes proxy's timeout",
+                    settings.k8s_proxy_timeout_seconds,
+                )?,
+            },
         })
     }
 }
@@ -487,6 +531,10 @@ fn dialer_settings(settings: &Resolved) -> anyhow::Result<DialerSettings> {
             "dialer connect timeout",
             settings.dialer_connect_timeout_seconds,
         )?,
+        max_tunnel_streams: at_least_one(
+            "Kubernetes proxy's streams per agent",
+            settings.k8s_proxy_max_streams_per_agent,
+        )?,
         ..DialerSettings::default()
     };
     if let Some(networks) = &settings.dialer_denied_networks {
@@ -513,6 +561,14 @@ fn limits(settings: &Resolved) -> anyhow::Result<Limits> {
         drain_timeout: seconds("shutdown drain time", settings.shutdown_drain_seconds)?,
         shutdown_blackout: Duration::from_secs(settings.shutdown_blackout_seconds),
     })
+}
+
+/// A count, at least one.
+fn at_least_one(name: &str, count: usize) -> anyhow::Result<usize> {
+    if count == 0 {
+        bail!("the {name} must be at least 1");
+    }
+    Ok(count)
 }
 
 /// A time in whole seconds, at least one.

@@ -37,6 +37,9 @@ enum Command {
     /// Certificates for trying the gateway out.
     #[command(subcommand)]
     Certs(Certs),
+    /// Runs a receptive agent in a cluster: kas-gateway dials it, and the requests it
+    /// tunnels go to the cluster's Kubernetes API.
+    Agent(AgentArgs),
     /// Serves simulated receptive agents, to check connectivity or to load a gateway.
     AgentSim(AgentSimArgs),
     /// Asks a running gateway's observability listener whether it is ready (or alive), as a
@@ -77,6 +80,49 @@ enum Output {
     Text,
     /// The objects as the REST API renders them, one JSON document.
     Json,
+}
+
+#[derive(clap::Args, Debug)]
+struct AgentArgs {
+    /// Where the gateway dials this agent.
+    #[arg(long, env = "KAS_AGENT_LISTEN", default_value = "0.0.0.0:8082")]
+    listen: std::net::SocketAddr,
+    /// File holding the agent token (glagent-…), which the agent presents to the gateway.
+    #[arg(long, env = "KAS_AGENT_TOKEN_FILE")]
+    token_file: std::path::PathBuf,
+    /// Verify the gateway's JWT with this public key: the URL configuration's public_key
+    /// (JWT mode). Give it, or --client-ca-file (mTLS mode), or both.
+    #[arg(long, env = "KAS_AGENT_JWT_PUBLIC_KEY")]
+    jwt_public_key: Option<String>,
+    /// Server certificate (PEM) for grpcs://; cleartext grpc:// without it.
+    #[arg(long, env = "KAS_AGENT_TLS_CERT_FILE", requires = "tls_key_file")]
+    tls_cert_file: Option<std::path::PathBuf>,
+    /// Server key (PEM).
+    #[arg(long, env = "KAS_AGENT_TLS_KEY_FILE", requires = "tls_cert_file")]
+    tls_key_file: Option<std::path::PathBuf>,
+    /// Require a gateway client certificate signed by this CA (PEM): mTLS mode.
+    #[arg(long, env = "KAS_AGENT_CLIENT_CA_FILE", requires = "tls_cert_file")]
+    client_ca_file: Option<std::path::PathBuf>,
+    /// The Kubernetes API to send tunnelled requests to [default: the cluster the agent
+    /// runs in, from KUBERNETES_SERVICE_HOST and the pod's service account].
+    #[arg(long, env = "KAS_AGENT_UPSTREAM_URL")]
+    upstream_url: Option<String>,
+    /// CA (PEM) of --upstream-url [default: the system's CAs].
+    #[arg(long, env = "KAS_AGENT_UPSTREAM_CA_FILE", requires = "upstream_url")]
+    upstream_ca_file: Option<std::path::PathBuf>,
+    /// Bearer token file for --upstream-url.
+    #[arg(long, env = "KAS_AGENT_UPSTREAM_TOKEN_FILE", requires = "upstream_url")]
+    upstream_token_file: Option<std::path::PathBuf>,
+    /// Whom requests act as upstream: the agent's own identity, or the GitLab user
+    /// (impersonated; the agent's identity needs the `impersonate` permission).
+    #[arg(long, env = "KAS_AGENT_ACCESS_AS", value_enum, default_value = "agent")]
+    access_as: kas_gateway::agent::AccessAs,
+    /// Log filter.
+    #[arg(long, env = "KAS_AGENT_LOG_LEVEL", default_value = "info")]
+    log_level: String,
+    /// Log format.
+    #[arg(long, env = "KAS_AGENT_LOG_FORMAT", value_enum, default_value = "text")]
+    log_format: kas_gateway::config::LogFormat,
 }
 
 #[derive(clap::Args, Debug)]
@@ -233,6 +279,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("wrote {}", file.display());
             }
             Ok(())
+        }
+        Command::Agent(args) => {
+            telemetry::init(&args.log_level, args.log_format)?;
+            run_agent(args).await
         }
         Command::AgentSim(args) => {
             telemetry::init("info", kas_gateway::config::LogFormat::Text)?;
@@ -597,6 +647,79 @@ fn check_sim_credentials(token: &str, jwt_public_key: Option<&str>) -> anyhow::R
             );
         }
     }
+    Ok(())
+}
+
+/// `kas-gateway agent`: one agent, until SIGTERM.
+async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
+    use kas_gateway::agent::server::{AgentConfig, AgentServer};
+    use kas_gateway::agent::upstream::{Upstream, token_from_file};
+    let read = |path: &std::path::PathBuf| {
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
+    };
+    let token = token_from_file(&args.token_file)?;
+    check_sim_credentials(token.expose(), args.jwt_public_key.as_deref())?;
+    if args.jwt_public_key.is_none() && args.client_ca_file.is_none() {
+        anyhow::bail!(
+            "give --jwt-public-key (the URL configuration's public_key) or --client-ca-file \
+             (mTLS): without either, anyone who reaches this agent could use its cluster"
+        );
+    }
+    let tls = match (&args.tls_cert_file, &args.tls_key_file) {
+        (Some(cert), Some(key)) => Some((read(cert)?, read(key)?)),
+        _ => None,
+    };
+    let upstream = match &args.upstream_url {
+        Some(url) => Upstream::new(
+            url,
+            args.upstream_ca_file
+                .as_ref()
+                .map(read)
+                .transpose()?
+                .as_deref(),
+            args.upstream_token_file
+                .as_deref()
+                .map(token_from_file)
+                .transpose()?,
+            args.access_as,
+        )?,
+        None => Upstream::in_cluster(args.access_as)?,
+    };
+    let kubernetes_version = upstream.version().await.unwrap_or_else(|error| {
+        tracing::warn!(%error, "cannot read the Kubernetes API's version (yet)");
+        String::new()
+    });
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("listening on {}", args.listen))?;
+    let config = AgentConfig {
+        token: token.expose().to_owned(),
+        tls: tls.clone(),
+        client_ca: args.client_ca_file.as_ref().map(read).transpose()?,
+        jwt_public_key: args.jwt_public_key.clone(),
+        jwt_audience: kas_gateway::crypto::jwt::AUDIENCE.into(),
+        metadata: kas_gateway::proto::agent::v1::AgentMetadata {
+            version: format!("kas-gateway agent {}", env!("CARGO_PKG_VERSION")),
+            commit: kas_gateway::metrics::COMMIT.to_owned(),
+            pod_namespace: std::env::var("POD_NAMESPACE").unwrap_or_default(),
+            pod_name: std::env::var("POD_NAME").unwrap_or_default(),
+            kubernetes_version,
+        },
+        clock: Arc::new(SystemClock),
+    };
+    let agent = AgentServer::start_with_upstream(config, Some(Arc::new(upstream)), listener)?;
+    tracing::info!(
+        addr = %agent.addr,
+        tls = tls.is_some(),
+        mtls = args.client_ca_file.is_some(),
+        jwt = args.jwt_public_key.is_some(),
+        access_as = ?args.access_as,
+        "agent listening for the gateway"
+    );
+    let shutdown = CancellationToken::new();
+    server::cancel_on_signals(shutdown.clone());
+    shutdown.cancelled().await;
+    agent.stop().await;
     Ok(())
 }
 

@@ -45,6 +45,12 @@ pub const DB_CONNECTIONS: &str = "kas_gateway_database_connections";
 pub const DB_CONNECTIONS_MAX: &str = "kas_gateway_database_connections_max";
 /// Time spent waiting for a database connection from the pool.
 pub const DB_WAIT: &str = "kas_gateway_database_acquire_wait_seconds";
+/// Requests through the Kubernetes API proxy, by `method` and `code` (HTTP status).
+pub const K8S_PROXY_REQUESTS: &str = "kas_gateway_k8s_proxy_requests_total";
+/// Proxied requests' durations, to the end of the response.
+pub const K8S_PROXY_DURATION: &str = "kas_gateway_k8s_proxy_request_duration_seconds";
+/// Body bytes through the proxy, by `direction` (`sent` to agents, `received` from them).
+pub const K8S_PROXY_BYTES: &str = "kas_gateway_k8s_proxy_body_bytes_total";
 /// 1, labelled with the `version` and `commit` built.
 pub const BUILD_INFO: &str = "kas_gateway_build_info";
 
@@ -238,6 +244,20 @@ fn describe() {
         Unit::Seconds,
         "Time spent waiting for a connection from the pool"
     );
+    describe_counter!(
+        K8S_PROXY_REQUESTS,
+        "Requests through the Kubernetes API proxy, by method and HTTP status"
+    );
+    describe_histogram!(
+        K8S_PROXY_DURATION,
+        Unit::Seconds,
+        "Proxied requests' durations, to the end of the response"
+    );
+    describe_counter!(
+        K8S_PROXY_BYTES,
+        Unit::Bytes,
+        "Body bytes through the Kubernetes API proxy, sent to agents and received from them"
+    );
     describe_gauge!(BUILD_INFO, "The version and commit of this build");
     process().describe();
     gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION"), "commit" => COMMIT).set(1.0);
@@ -314,6 +334,25 @@ pub fn takeovers(count: u64) {
 /// This replica found its lease expired.
 pub fn lease_lost() {
     counter!(LEASES_LOST).increment(1);
+}
+
+/// A request through the Kubernetes API proxy ended.
+pub fn k8s_proxy_request(method: &str, status: u16, duration: Duration, sent: u64, received: u64) {
+    // A closed list: any other method is counted as OTHER.
+    let method: &'static str = match method {
+        "GET" => "GET",
+        "HEAD" => "HEAD",
+        "POST" => "POST",
+        "PUT" => "PUT",
+        "PATCH" => "PATCH",
+        "DELETE" => "DELETE",
+        "OPTIONS" => "OPTIONS",
+        _ => "OTHER",
+    };
+    counter!(K8S_PROXY_REQUESTS, "method" => method, "code" => status.to_string()).increment(1);
+    metrics::histogram!(K8S_PROXY_DURATION).record(duration);
+    counter!(K8S_PROXY_BYTES, "direction" => "sent").increment(sent);
+    counter!(K8S_PROXY_BYTES, "direction" => "received").increment(received);
 }
 
 /// The database pool's connections now.

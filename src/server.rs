@@ -333,6 +333,7 @@ pub async fn start(
         service: service.clone(),
         external_url: Arc::from(external_url.as_str()),
         shutdown: requested.clone(),
+        k8s_proxy: Arc::new(rest::k8s_proxy::Proxy::new(config.k8s_proxy.clone())),
     };
     let grpc = crate::grpc::router(
         crate::grpc::Api::new(

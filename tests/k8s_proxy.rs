@@ -29,7 +29,8 @@ const UPSTREAM_TOKEN: &str = "upstream-service-account-token";
 #[derive(Default)]
 struct Seen {
     headers: Mutex<Vec<http::HeaderMap>>,
-    watch: Mutex<Option<mpsc::Sender<Bytes>>>,
+    /// Every watch's event feed, oldest first (kept, so that each stays open).
+    watch: Mutex<Vec<mpsc::Sender<Bytes>>>,
     watch_dropped: AtomicBool,
 }
 
@@ -74,7 +75,7 @@ async fn upstream() -> (String, Arc<Seen>) {
                 let seen = Arc::clone(&seen);
                 move || async move {
                     let (tx, rx) = mpsc::channel::<Bytes>(8);
-                    *seen.watch.lock().unwrap() = Some(tx);
+                    seen.watch.lock().unwrap().push(tx);
                     let flag = DropFlag(Arc::clone(&seen));
                     let stream = tokio_stream::StreamExt::map(
                         tokio_stream::wrappers::ReceiverStream::new(rx),
@@ -111,9 +112,18 @@ async fn upstream() -> (String, Arc<Seen>) {
 /// A gateway, a project with an agent served by a simulated agent whose upstream is `url`;
 /// returns the gateway, the project and the agent.
 async fn connected_agent(upstream_url: &str, access_as: AccessAs) -> (Gateway, i64, i64, AgentSim) {
+    connected_agent_with(upstream_url, access_as, |_| {}).await
+}
+
+async fn connected_agent_with(
+    upstream_url: &str,
+    access_as: AccessAs,
+    adjust: impl FnOnce(&mut kas_gateway::config::Config),
+) -> (Gateway, i64, i64, AgentSim) {
     let gw = Gateway::start_with(Backend::Sqlite, |config| {
         config.dialer.backoff.base = Duration::from_millis(100);
         config.dialer.backoff.max = Duration::from_millis(500);
+        adjust(config);
     })
     .await
     .unwrap();
@@ -246,7 +256,7 @@ async fn requests_stream_through_the_session() {
     .await
     .unwrap();
     assert_eq!(watch.status(), 200);
-    let events = seen.watch.lock().unwrap().clone().unwrap();
+    let events = seen.watch.lock().unwrap().last().cloned().unwrap();
     for n in 0..3 {
         let event = format!("{{\"type\":\"ADDED\",\"n\":{n}}}\n");
         events.send(Bytes::from(event.clone())).await.unwrap();
@@ -409,4 +419,78 @@ async fn agents_can_impersonate_the_gitlab_user() {
         ]
     );
     assert_eq!(headers["authorization"], format!("Bearer {UPSTREAM_TOKEN}"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limits_hold_and_every_request_is_counted() {
+    let (url, seen) = upstream().await;
+    let (gw, project, agent, _sim) = connected_agent_with(&url, AccessAs::Agent, |config| {
+        config.k8s_proxy.max_requests_per_user = 2;
+        config.k8s_proxy.max_body_bytes = 1024;
+        config.k8s_proxy.idle_timeout = Duration::from_secs(1);
+    })
+    .await;
+    let token = proxy_user(&gw, project, "dev", 30, &["k8s_proxy"]).await;
+    let watch = || {
+        proxy_request(
+            &gw,
+            reqwest::Method::GET,
+            agent,
+            &token,
+            "/api/v1/pods?watch=true",
+        )
+        .send()
+    };
+    // Two open requests per user: the third waits for none, it is refused.
+    let first = watch().await.unwrap();
+    let second = watch().await.unwrap();
+    assert_eq!(
+        (first.status().as_u16(), second.status().as_u16()),
+        (200, 200)
+    );
+    let third = watch().await.unwrap();
+    assert_eq!(third.status(), 429);
+    // A quiet watch ends after the idle timeout, and its turn comes back.
+    let started = Instant::now();
+    let ended = tokio::time::timeout(Duration::from_secs(5), first.bytes()).await;
+    assert!(ended.is_ok(), "the idle watch was not ended");
+    assert!(started.elapsed() >= Duration::from_millis(900));
+    drop(second);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(watch().await.unwrap().status(), 200);
+    // Bodies past the limit: announced, refused at once; streamed, cut off.
+    let announced = proxy_request(&gw, reqwest::Method::POST, agent, &token, "/echo")
+        .body(vec![b'x'; 2048])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(announced.status(), 413);
+    let chunks = futures::stream::iter(
+        (0..4).map(|_| Ok::<_, std::io::Error>(Bytes::from(vec![b'y'; 512]))),
+    );
+    let streamed = proxy_request(&gw, reqwest::Method::POST, agent, &token, "/echo")
+        .body(reqwest::Body::wrap_stream(chunks))
+        .send()
+        .await;
+    let echoed = match streamed {
+        Ok(response) if response.status() == 201 => response.bytes().await.ok().map(|b| b.len()),
+        _ => None,
+    };
+    assert_ne!(
+        echoed,
+        Some(2048),
+        "a body past the limit went through whole"
+    );
+    let _ = seen;
+    // Every request counted, by method and status.
+    let text = kas_gateway::metrics::handle().unwrap().render();
+    assert!(
+        text.contains("kas_gateway_k8s_proxy_requests_total{method=\"GET\",code=\"429\"} 1"),
+        "{text}"
+    );
+    // Announced and streamed.
+    assert!(
+        text.contains("kas_gateway_k8s_proxy_requests_total{method=\"POST\",code=\"413\"} 2"),
+        "{text}"
+    );
 }

@@ -1,6 +1,7 @@
 //! The cluster side of a receptive agent: what it does with the gateway's tunnelled requests
 //! (see `proto/kas_gateway/agent/v1/session.proto`).
 
+pub mod server;
 pub mod upstream;
 
 use std::pin::Pin;

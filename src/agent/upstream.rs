@@ -142,6 +142,33 @@ impl Upstream {
         )
     }
 
+    /// The Kubernetes version upstream (`gitVersion` of `/version`), for the agent's hello.
+    pub async fn version(&self) -> anyhow::Result<String> {
+        let head = pb::RequestHead {
+            method: "GET".into(),
+            path: "/version".into(),
+            ..pb::RequestHead::default()
+        };
+        let (head, body) =
+            tokio::time::timeout(CONNECT_TIMEOUT, self.forward(head, tokio_stream::empty()))
+                .await
+                .context("no answer in time")??;
+        let body = tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            axum::body::to_bytes(axum::body::Body::new(body), 64 * 1024),
+        )
+        .await
+        .context("no answer in time")??;
+        if head.status != 200 {
+            anyhow::bail!("/version answered {}", head.status);
+        }
+        let version: serde_json::Value = serde_json::from_slice(&body)?;
+        Ok(version["gitVersion"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned())
+    }
+
     /// Sends a tunnelled request upstream; its response head and body.
     pub async fn forward(
         &self,

@@ -7,22 +7,62 @@
 //! caller's credentials never reach the agent. Errors are Kubernetes `Status` objects, which
 //! kubectl shows as they are.
 
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Instant;
 
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
 use http::StatusCode;
+use http_body::Frame;
 use serde_json::json;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::App;
+use crate::config::ProxyLimits;
 use crate::domain::{Error, Id, ProxyUser, RequestError};
 
 /// The paths the proxy is served under (GitLab's, and the one under `/-/`).
 pub const PREFIXES: [&str; 2] = ["/k8s-proxy", "/-/k8s-proxy"];
 
-/// The largest request body the proxy passes on (the Kubernetes API's own limit is 3 MiB).
-pub const MAX_BODY_BYTES: u64 = 16 * 1024 * 1024;
+/// The proxy's limits, and each user's open requests on this replica.
+#[derive(Debug)]
+pub struct Proxy {
+    limits: ProxyLimits,
+    users: Mutex<HashMap<Id, Arc<Semaphore>>>,
+}
+
+impl Proxy {
+    /// A proxy with these limits.
+    pub fn new(limits: ProxyLimits) -> Self {
+        Self {
+            limits,
+            users: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// A turn for one more open request of `user`, if they have one left.
+    fn turn(&self, user: Id) -> Option<OwnedSemaphorePermit> {
+        let mut users = match self.users.lock() {
+            Ok(users) => users,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        // Users with nothing open are forgotten, so the map stays as small as the traffic.
+        if users.len() > 1024 {
+            let max = self.limits.max_requests_per_user;
+            users.retain(|_, turns| turns.available_permits() < max);
+        }
+        let turns = users
+            .entry(user)
+            .or_insert_with(|| Arc::new(Semaphore::new(self.limits.max_requests_per_user)));
+        Arc::clone(turns).try_acquire_owned().ok()
+    }
+}
 
 /// Whether a path is the proxy's.
 pub fn is_proxy_path(path: &str) -> bool {
@@ -35,12 +75,36 @@ pub fn is_proxy_path(path: &str) -> bool {
 /// Every method under the prefixes.
 pub async fn proxy(State(app): State<App>, request: Request) -> Response {
     let started = Instant::now();
+    let method = request.method().clone();
+    match check_and_send(&app, request, started).await {
+        // Sent to the agent (or failed on the way): audited and counted when it ends.
+        Ok(response) => response,
+        // Refused before anything reached the agent: counted here, logged as a request.
+        Err(response) => {
+            crate::metrics::k8s_proxy_request(
+                method.as_str(),
+                response.status().as_u16(),
+                started.elapsed(),
+                0,
+                0,
+            );
+            response
+        }
+    }
+}
+
+/// Checks the caller and sends the request; `Err` is a refusal by the gateway.
+async fn check_and_send(
+    app: &App,
+    request: Request,
+    started: Instant,
+) -> Result<Response, Response> {
     let Some((agent_id, token)) = credentials(request.headers()) else {
-        return status(
+        return Err(status(
             StatusCode::UNAUTHORIZED,
             "Unauthorized",
             "give the token as `Authorization: Bearer pat:<agent id>:<personal access token>`",
-        );
+        ));
     };
     let access = match app
         .service
@@ -48,24 +112,42 @@ pub async fn proxy(State(app): State<App>, request: Request) -> Response {
         .await
     {
         Ok(access) => access,
-        Err(error) => return refused(&error),
+        Err(error) => return Err(refused(&error)),
+    };
+    let limits = &app.k8s_proxy.limits;
+    let Some(turn) = app.k8s_proxy.turn(access.caller.user.id) else {
+        return Err(status(
+            StatusCode::TOO_MANY_REQUESTS,
+            "TooManyRequests",
+            &format!(
+                "you have {} requests open through the gateway already",
+                limits.max_requests_per_user
+            ),
+        ));
     };
     let announced = request
         .headers()
         .get(http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    if announced.is_some_and(|length| length > MAX_BODY_BYTES) {
-        return status(
+    if announced.is_some_and(|length| length > limits.max_body_bytes) {
+        return Err(status(
             StatusCode::PAYLOAD_TOO_LARGE,
             "RequestEntityTooLarge",
-            &format!("the request body is larger than {MAX_BODY_BYTES} bytes"),
-        );
+            &format!(
+                "the request body is larger than {} bytes",
+                limits.max_body_bytes
+            ),
+        ));
     }
     let (mut parts, body) = request.into_parts();
     let path = upstream_path(&parts.uri);
     let Ok(uri) = path.parse::<http::Uri>() else {
-        return status(StatusCode::BAD_REQUEST, "BadRequest", "invalid path");
+        return Err(status(
+            StatusCode::BAD_REQUEST,
+            "BadRequest",
+            "invalid path",
+        ));
     };
     parts.uri = uri;
     for name in [
@@ -85,30 +167,233 @@ pub async fn proxy(State(app): State<App>, request: Request) -> Response {
         project_id: access.agent.project.id,
         project_path: access.agent.project.path_with_namespace(),
     };
-    let outcome = app
-        .service
-        .sessions()
-        .proxy(
-            agent_id,
-            &user,
-            http::Request::from_parts(parts, Body::new(body)),
-        )
-        .await;
-    let response = match outcome {
-        Ok(response) => response,
-        Err(error) => unavailable(agent_id, &error),
-    };
-    tracing::info!(
-        target: "kas_gateway::k8s_proxy",
-        user = %user.username,
+    let record = Arc::new(Record {
+        user: user.username.clone(),
         agent_id,
-        %method,
-        path = path.split('?').next().unwrap_or(""),
-        status = response.status().as_u16(),
-        head_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
-        "proxied"
+        method: method.clone(),
+        path: path.split('?').next().unwrap_or("").to_owned(),
+        status: std::sync::atomic::AtomicU16::new(0),
+        sent: AtomicU64::new(0),
+        received: AtomicU64::new(0),
+        started,
+        finished: std::sync::atomic::AtomicBool::new(false),
+        too_large: tokio::sync::Notify::new(),
+    });
+    let upload = Metered::upload(Body::new(body), Arc::clone(&record), limits.max_body_bytes);
+    let sessions = Arc::clone(app.service.sessions());
+    let forwarded = sessions.proxy(
+        agent_id,
+        &user,
+        http::Request::from_parts(parts, Body::new(upload)),
     );
-    response
+    // Until the response head: a body past the limit ends the request (which cancels it at
+    // the agent), and so does the total time.
+    let response = tokio::select! {
+        outcome = tokio::time::timeout(limits.timeout, forwarded) => match outcome {
+            Ok(Ok(response)) => response,
+            Ok(Err(error)) => unavailable(agent_id, &error),
+            Err(_) => unavailable(agent_id, &RequestError::Timeout),
+        },
+        () = record.too_large.notified() => status(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "RequestEntityTooLarge",
+            &format!("the request body is larger than {} bytes", limits.max_body_bytes),
+        ),
+    };
+    record
+        .status
+        .store(response.status().as_u16(), Ordering::Relaxed);
+    // The audit line and the metrics come when the response ends, with the bytes each way.
+    Ok(response.map(|body| {
+        Body::new(Metered::download(
+            body,
+            record,
+            turn,
+            limits.idle_timeout,
+            limits.timeout,
+        ))
+    }))
+}
+
+/// One proxied request, for its audit line and metrics.
+#[derive(Debug)]
+struct Record {
+    user: String,
+    agent_id: Id,
+    method: http::Method,
+    path: String,
+    status: std::sync::atomic::AtomicU16,
+    /// Request body bytes passed on.
+    sent: AtomicU64,
+    /// Response body bytes passed back.
+    received: AtomicU64,
+    started: Instant,
+    finished: std::sync::atomic::AtomicBool,
+    /// Told when the request body passes the limit.
+    too_large: tokio::sync::Notify,
+}
+
+impl Record {
+    /// Logs the audit line and counts the request, once; `ended` says how the response ended.
+    fn finish(&self, ended: &str) {
+        if self.finished.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        let status = self.status.load(Ordering::Relaxed);
+        let sent = self.sent.load(Ordering::Relaxed);
+        let received = self.received.load(Ordering::Relaxed);
+        let elapsed = self.started.elapsed();
+        tracing::info!(
+            target: "kas_gateway::k8s_proxy",
+            user = %self.user,
+            agent_id = self.agent_id,
+            method = %self.method,
+            path = %self.path,
+            status,
+            bytes_sent = sent,
+            bytes_received = received,
+            duration_ms = u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX),
+            ended,
+            "proxied"
+        );
+        crate::metrics::k8s_proxy_request(self.method.as_str(), status, elapsed, sent, received);
+    }
+}
+
+/// A body on its way through the proxy, counted: the request's, cut off past the body limit;
+/// or the response's, ended when idle or too long, which finishes the record when it ends or
+/// is dropped (the client went away) and holds the user's turn until then.
+struct Metered {
+    inner: Body,
+    record: Arc<Record>,
+    direction: Direction,
+}
+
+enum Direction {
+    Upload {
+        limit: u64,
+    },
+    Download {
+        _turn: OwnedSemaphorePermit,
+        idle: Pin<Box<tokio::time::Sleep>>,
+        idle_timeout: std::time::Duration,
+        deadline: Pin<Box<tokio::time::Sleep>>,
+    },
+}
+
+impl Metered {
+    fn upload(inner: Body, record: Arc<Record>, limit: u64) -> Self {
+        Self {
+            inner,
+            record,
+            direction: Direction::Upload { limit },
+        }
+    }
+
+    fn download(
+        inner: Body,
+        record: Arc<Record>,
+        turn: OwnedSemaphorePermit,
+        idle_timeout: std::time::Duration,
+        timeout: std::time::Duration,
+    ) -> Self {
+        let deadline = record
+            .started
+            .checked_add(timeout)
+            .map_or_else(tokio::time::Instant::now, tokio::time::Instant::from_std);
+        Self {
+            inner,
+            record,
+            direction: Direction::Download {
+                _turn: turn,
+                idle: Box::pin(tokio::time::sleep(idle_timeout)),
+                idle_timeout,
+                deadline: Box::pin(tokio::time::sleep_until(deadline)),
+            },
+        }
+    }
+}
+
+impl http_body::Body for Metered {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = &mut *self;
+        if let Direction::Download { idle, deadline, .. } = &mut this.direction {
+            let expired = if deadline.as_mut().poll(cx).is_ready() {
+                Some("timeout")
+            } else if idle.as_mut().poll(cx).is_ready() {
+                Some("idle")
+            } else {
+                None
+            };
+            if let Some(why) = expired {
+                this.record.finish(why);
+                return Poll::Ready(Some(Err(axum::Error::new(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "the proxied request lasted too long",
+                )))));
+            }
+        }
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                let len = frame.data_ref().map_or(0, |d| d.len() as u64);
+                match &mut this.direction {
+                    Direction::Upload { limit } => {
+                        let sent = this.record.sent.fetch_add(len, Ordering::Relaxed) + len;
+                        if sent > *limit {
+                            // Past the limit: the agent sees the body break off, never end,
+                            // and the request ends with 413.
+                            this.record.too_large.notify_one();
+                            return Poll::Ready(Some(Err(axum::Error::new(
+                                std::io::Error::other("the request body is too large"),
+                            ))));
+                        }
+                    }
+                    Direction::Download {
+                        idle, idle_timeout, ..
+                    } => {
+                        this.record.received.fetch_add(len, Ordering::Relaxed);
+                        idle.as_mut()
+                            .reset(tokio::time::Instant::now() + *idle_timeout);
+                    }
+                }
+            }
+            Poll::Ready(None) => {
+                if matches!(this.direction, Direction::Download { .. }) {
+                    this.record.finish("complete");
+                }
+            }
+            Poll::Ready(Some(Err(_))) => {
+                if matches!(this.direction, Direction::Download { .. }) {
+                    this.record.finish("broken off");
+                }
+            }
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for Metered {
+    fn drop(&mut self) {
+        if matches!(self.direction, Direction::Download { .. }) {
+            self.record.finish("client went away");
+        }
+    }
 }
 
 /// `Authorization: Bearer pat:<agent id>:<token>`.

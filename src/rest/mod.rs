@@ -42,6 +42,8 @@ pub struct App {
     pub external_url: Arc<str>,
     /// Cancelled when the gateway starts shutting down (readiness then answers 503).
     pub shutdown: tokio_util::sync::CancellationToken,
+    /// The Kubernetes API proxy's limits and open requests.
+    pub k8s_proxy: Arc<k8s_proxy::Proxy>,
 }
 
 impl IntoResponse for Error {
