@@ -443,3 +443,4 @@ pub fn keys_in_order(text: &str) -> Vec<String> {
     keys.into_iter().map(|(_, key)| key).collect()
 }
 pub mod binary;
+pub mod kube;
