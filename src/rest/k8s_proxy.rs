@@ -140,6 +140,16 @@ async fn check_and_send(
             ),
         ));
     }
+    // Upgrades (`kubectl exec`, `attach`, `port-forward`) need a byte stream both ways after
+    // the response head, which the tunnel does not carry yet.
+    if request.headers().contains_key(http::header::UPGRADE) {
+        return Err(status(
+            StatusCode::NOT_IMPLEMENTED,
+            "NotImplemented",
+            "kubectl exec, attach and port-forward (HTTP upgrades) do not pass through the \
+             gateway yet",
+        ));
+    }
     let (mut parts, body) = request.into_parts();
     let path = upstream_path(&parts.uri);
     let Ok(uri) = path.parse::<http::Uri>() else {
@@ -489,6 +499,7 @@ fn status(code: StatusCode, reason: &str, message: &str) -> Response {
             "status": "Failure",
             "message": message,
             "reason": reason,
+            "details": {},
             "code": code.as_u16(),
         })),
     )
