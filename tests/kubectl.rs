@@ -46,6 +46,9 @@ impl Drop for Agent {
 struct Chain {
     gateway: Gateway,
     ingress: Ingress,
+    /// Further replicas on the same PostgreSQL database, each behind its own ingress.
+    replicas: Vec<(Gateway, Ingress)>,
+    _database: Option<common::PgDatabase>,
     agent: Option<Agent>,
     agent_id: i64,
     fake: FakeKube,
@@ -134,10 +137,52 @@ fn write(dir: &Path, name: &str, contents: &str) -> std::path::PathBuf {
     path
 }
 
+/// The replicas' shared secret for the private API.
+const PRIVATE_API_SECRET: &str = "cHJpdmF0ZS1hcGktc2VjcmV0LWZvci10ZXN0cy0wMDA=";
+
+/// A gateway replica on `database`, with the private API.
+fn replica(dir: &Path, database: &str, name: &str) -> Gateway {
+    std::fs::create_dir_all(dir).unwrap();
+    let secret = write(dir, "private-api-secret", PRIVATE_API_SECRET);
+    let mut command = with_token(&dir.join("data"), ROOT);
+    command
+        .env("KAS_GATEWAY_PRIVATE_API_LISTEN", "127.0.0.1:0")
+        .env("KAS_GATEWAY_PRIVATE_API_SECRET_FILE", &secret)
+        .env("KAS_GATEWAY_DATABASE_URL", database)
+        .env("KAS_GATEWAY_ENCRYPTION_KEYS", common::PG_ENCRYPTION_KEYS)
+        .env("KAS_GATEWAY_REPLICA_ID", name)
+        .env("KAS_GATEWAY_LEASE_TTL_SECONDS", "6");
+    Gateway::start(command)
+}
+
 async fn chain(mode: Mode) -> Chain {
+    chain_of(mode, 1).await
+}
+
+/// The chain with `replicas` gateways: one on SQLite, or several on one PostgreSQL database.
+async fn chain_of(mode: Mode, replicas: usize) -> Chain {
     let dir = tempfile::tempdir().unwrap();
     let fake = FakeKube::start(UPSTREAM_TOKEN).await;
-    let gateway = Gateway::start(with_token(&dir.path().join("gateway"), ROOT));
+    let (gateway, others, database) = if replicas == 1 {
+        (
+            Gateway::start(with_token(&dir.path().join("gateway"), ROOT)),
+            Vec::new(),
+            None,
+        )
+    } else {
+        let database = common::PgDatabase::create().await;
+        let mut all: Vec<Gateway> = (0..replicas)
+            .map(|i| {
+                replica(
+                    &dir.path().join(format!("gw-{i}")),
+                    &database.url,
+                    &format!("gw-{i}"),
+                )
+            })
+            .collect();
+        let first = all.remove(0);
+        (first, all, Some(database))
+    };
     let post = |path: &str, body: Value| {
         let url = gateway.url(path);
         async move {
@@ -240,9 +285,16 @@ async fn chain(mode: Mode) -> Chain {
         }
     }
     let agent = Agent(command.spawn().unwrap());
+    let mut replicas = Vec::new();
+    for other in others {
+        let ingress = ingress(&other.addr).await;
+        replicas.push((other, ingress));
+    }
     let chain = Chain {
         ingress: ingress(&gateway.addr).await,
         gateway,
+        replicas,
+        _database: database,
         agent: Some(agent),
         agent_id,
         fake,
@@ -479,4 +531,54 @@ async fn kubectl_is_refused_in_words() {
         chain.fake.requests().is_empty(),
         "a refused request reached the upstream"
     );
+}
+
+/// Two replicas on PostgreSQL: whichever one kubectl reaches, its requests get to the agent,
+/// through the replica that holds the session when it is the other one; a watch through the
+/// other replica, cancelled, ends upstream too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_through_either_replica() {
+    if !have_kubectl() || common::postgres_skipped() {
+        return;
+    }
+    let chain = chain_of(Mode::JwtTls, 2).await;
+    chain.fake.put_configmap("settings", &[("colour", "blue")]);
+    let (_, other_ingress) = &chain.replicas[0];
+    let through_other = kubeconfig(
+        &format!("{}/k8s-proxy", other_ingress.url),
+        Some(&other_ingress.ca_pem),
+        &format!("pat:{}:{}", chain.agent_id, chain.token),
+    );
+    for config in [&chain.kubeconfig(&chain.token), &through_other] {
+        let table = run(config, &["get", "configmaps"]).await;
+        assert!(table.contains("settings"), "{table}");
+    }
+    // Which replica holds the agent: the other one forwards to it.
+    let (_, connection) = send(
+        Method::GET,
+        &chain.gateway.url(&format!(
+            "/api/v4/projects/{}/cluster_agents/{}/connection",
+            chain.project, chain.agent_id
+        )),
+        ROOT,
+        None,
+    )
+    .await;
+    eprintln!("the agent is held by {}", connection["replica"]);
+    let non_holder = if connection["replica"] == "gw-0" {
+        &through_other
+    } else {
+        &chain.kubeconfig(&chain.token)
+    };
+    let mut watch = spawn_kubectl(non_holder.path(), &["get", "configmaps", "--watch"]);
+    watch.line_containing("settings", WAIT).await;
+    chain.fake.wait_streams(WAIT, |s| s.open() == 1).await;
+    chain.fake.put_configmap("later", &[("a", "1")]);
+    watch.line_containing("later", WAIT).await;
+    let closed_before = chain.fake.streams().closed;
+    watch.kill();
+    chain
+        .fake
+        .wait_streams(WAIT, |s| s.open() == 0 && s.closed > closed_before)
+        .await;
 }

@@ -33,6 +33,8 @@ const MAX_MESSAGE_BYTES: usize = 256 * 1024;
 const MAX_TIMEOUT: Duration = Duration::from_secs(60);
 /// Time to open a connection to another replica.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// gRPC path of the relayed tunnel.
+const PROXY_PATH: &str = "/kas_gateway.private.v1.Replica/Proxy";
 /// Connections kept to other replicas (one per address; addresses of replicas long gone are
 /// dropped when there are more).
 const MAX_CHANNELS: usize = 64;
@@ -88,12 +90,62 @@ fn status(error: &RequestError) -> Status {
         // Not UNAVAILABLE: the caller tells "the session ended" from "no answer from the
         // holder" by the code.
         RequestError::SessionEnded => Status::aborted(error.to_string()),
+        RequestError::TooManyStreams => Status::resource_exhausted(error.to_string()),
+        // The agent's own failure, in words, told apart from the holder's by the code.
+        RequestError::Tunnel(message) => Status::unknown(message.clone()),
         _ => Status::unavailable(error.to_string()),
     }
 }
 
+/// The tunnel's response stream, as the private API relays it.
+type ProxyStream = std::pin::Pin<
+    Box<
+        dyn tokio_stream::Stream<Item = Result<crate::proto::agent::v1::TunnelResponse, Status>>
+            + Send,
+    >,
+>;
+
 #[tonic::async_trait]
 impl Replica for Server {
+    type ProxyStream = ProxyStream;
+
+    async fn proxy(
+        &self,
+        request: Request<tonic::Streaming<crate::proto::agent::v1::TunnelRequest>>,
+    ) -> Result<Response<Self::ProxyStream>, Status> {
+        use crate::proto::agent::v1 as agent;
+        use tokio_stream::StreamExt;
+        let mut inbound = request.into_inner();
+        let head = match inbound.message().await? {
+            Some(agent::TunnelRequest {
+                message: Some(agent::tunnel_request::Message::Head(head)),
+            }) => head,
+            _ => {
+                return Err(Status::invalid_argument(
+                    "a tunnel starts with the request head",
+                ));
+            }
+        };
+        let body = inbound.map_while(|message| match message {
+            Ok(agent::TunnelRequest {
+                message: Some(agent::tunnel_request::Message::Body(chunk)),
+            }) => Some(Ok::<_, Status>(bytes::Bytes::from(chunk))),
+            // The caller's stream broke off: the body must not look complete.
+            Ok(_) | Err(_) => None,
+        });
+        let (agent_id, user, request) =
+            crate::dialer::tunnel::request_from(head, axum::body::Body::from_stream(body))
+                .map_err(Status::invalid_argument)?;
+        let response = self
+            .local
+            .proxy(agent_id, &user, request)
+            .await
+            .map_err(|e| status(&e))?;
+        Ok(Response::new(Box::pin(
+            crate::dialer::tunnel::response_messages(response),
+        )))
+    }
+
     async fn request(
         &self,
         request: Request<pb::SessionRequest>,
@@ -149,6 +201,13 @@ impl Forwarder {
     }
 
     fn client(&self, url: &str) -> Result<ReplicaClient<Channel>, String> {
+        Ok(ReplicaClient::new(self.channel(url)?)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES))
+    }
+
+    /// The connection to the replica at `url`, made once.
+    fn channel(&self, url: &str) -> Result<Channel, String> {
         let mut channels = self.channels.lock().map_err(|_| "poisoned".to_owned())?;
         let channel = match channels.get(url) {
             Some(channel) => channel.clone(),
@@ -165,14 +224,13 @@ impl Forwarder {
                 channel
             }
         };
-        Ok(ReplicaClient::new(channel)
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES))
+        Ok(channel)
     }
 
-    fn signed<T>(&self, message: T, deadline: Duration) -> Request<T> {
+    /// A fresh JWT for a call.
+    fn token(&self) -> String {
         let now = self.clock.now().as_secs();
-        let token = jwt::sign_hs256(
+        jwt::sign_hs256(
             &self.secret,
             &serde_json::json!({
                 "iss": ISSUER,
@@ -181,7 +239,11 @@ impl Forwarder {
                 "nbf": now - 5,
                 "exp": now + TOKEN_LIFETIME_SECS,
             }),
-        );
+        )
+    }
+
+    fn signed<T>(&self, message: T, deadline: Duration) -> Request<T> {
+        let token = self.token();
         let mut request = Request::new(message);
         request.set_timeout(deadline);
         if let Ok(value) = format!("Bearer {token}").parse() {
@@ -230,6 +292,35 @@ impl Forwarder {
             }
             Err(status) => Err(request_error(&status, unreachable)),
         }
+    }
+
+    /// Sends an HTTP request to the agent's cluster through the session that the replica at
+    /// `url` holds; the response streams back from it.
+    pub async fn proxy(
+        &self,
+        replica: &str,
+        url: &str,
+        agent_id: Id,
+        user: &crate::domain::ProxyUser,
+        request: http::Request<axum::body::Body>,
+    ) -> Result<http::Response<axum::body::Body>, RequestError> {
+        let unreachable = |reason: String| RequestError::HolderUnreachable {
+            replica: replica.to_owned(),
+            reason,
+        };
+        let channel = self.channel(url).map_err(unreachable)?;
+        let grpc = tonic::client::Grpc::new(channel)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        let head = crate::dialer::tunnel::request_head(agent_id, user, &request);
+        let authorization = format!("Bearer {}", self.token()).parse().ok();
+        crate::dialer::tunnel::exchange(grpc, PROXY_PATH, authorization, head, request.into_body())
+            .await
+            .map_err(|status| match status.code() {
+                tonic::Code::Unknown => RequestError::Tunnel(status.message().to_owned()),
+                tonic::Code::ResourceExhausted => RequestError::TooManyStreams,
+                _ => request_error(&status, unreachable),
+            })
     }
 
     /// Asks the replica at `url` to dial the agent now.

@@ -148,12 +148,10 @@ impl Sessions for ClusterSessions {
         if self.local.get(agent_id).is_some() {
             return self.local.proxy(agent_id, user, request).await;
         }
-        // Streams are not forwarded between replicas yet: say who holds the agent.
-        let (replica, _) = self.holder(agent_id).await?;
-        Err(RequestError::HolderUnreachable {
-            replica,
-            reason: "requests to an agent's cluster are not forwarded between replicas yet".into(),
-        })
+        let (replica, url) = self.holder(agent_id).await?;
+        self.forwarder(&replica)?
+            .proxy(&replica, &url, agent_id, user, request)
+            .await
     }
 }
 

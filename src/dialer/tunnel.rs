@@ -72,97 +72,195 @@ impl Tunnels {
         let permit = Arc::clone(&self.streams)
             .try_acquire_owned()
             .map_err(|_| RequestError::TooManyStreams)?;
-        let (parts, body) = request.into_parts();
-        let path = parts
-            .uri
-            .path_and_query()
-            .map_or("/", http::uri::PathAndQuery::as_str)
-            .to_owned();
-        let head = pb::RequestHead {
-            agent_id: self.agent_id,
-            method: parts.method.as_str().to_owned(),
-            path,
-            headers: crate::agent::upstream::to_headers(&parts.headers),
-            user: Some(pb::GitLabUser {
-                id: user.id,
-                username: user.username.clone(),
-                access_level: user.access_level,
-                project_path: user.project_path.clone(),
-                project_id: user.project_id,
-            }),
-        };
-        let (tx, rx) = mpsc::channel::<pb::TunnelRequest>(4);
-        let _ = tx
-            .send(pb::TunnelRequest {
-                message: Some(pb::tunnel_request::Message::Head(head)),
-            })
-            .await;
-        tokio::spawn(send_body(body, tx));
-        let mut call = tonic::Request::new(ReceiverStream::new(rx));
-        if let Some(signer) = &self.signer {
-            let token = jwt::sign(signer, &jwt::Claims::issued_at(self.port.now()))
-                .map_err(|e| RequestError::Tunnel(format!("cannot sign the JWT: {e}")))?;
-            let value = format!("Bearer {token}")
-                .parse()
-                .map_err(|_| RequestError::Tunnel("the JWT is not a header value".into()))?;
-            call.metadata_mut().insert("authorization", value);
-        }
+        let authorization =
+            match &self.signer {
+                Some(signer) => {
+                    let token = jwt::sign(signer, &jwt::Claims::issued_at(self.port.now()))
+                        .map_err(|e| RequestError::Tunnel(format!("cannot sign the JWT: {e}")))?;
+                    Some(format!("Bearer {token}").parse().map_err(|_| {
+                        RequestError::Tunnel("the JWT is not a header value".into())
+                    })?)
+                }
+                None => None,
+            };
         let mut grpc = self.grpc.clone();
         grpc.ready().await.map_err(|_| RequestError::SessionEnded)?;
-        let mut inbound = grpc
-            .streaming(
-                call,
-                http::uri::PathAndQuery::from_static(TUNNEL_PATH),
-                StrictCodec::<pb::TunnelRequest, pb::TunnelResponse>::default(),
-            )
-            .await
-            .map_err(tunnel_error)?
-            .into_inner();
-        let head = match inbound.message().await.map_err(tunnel_error)? {
-            Some(pb::TunnelResponse {
-                message: Some(pb::tunnel_response::Message::Head(head)),
-            }) => head,
-            _ => {
-                return Err(RequestError::Tunnel(
-                    "the agent did not answer with a response head".into(),
-                ));
-            }
+        let response = exchange(
+            grpc,
+            TUNNEL_PATH,
+            authorization,
+            request_head(self.agent_id, user, &request),
+            request.into_body(),
+        )
+        .await
+        .map_err(tunnel_error)?;
+        // The permit goes with the body: the stream counts until the response ends.
+        Ok(response.map(|body| {
+            Body::from_stream(body.into_data_stream().map(move |chunk| {
+                let _streaming = &permit;
+                chunk
+            }))
+        }))
+    }
+}
+
+/// The head of a tunnelled request: `request`'s method, path and query, and headers (without
+/// the hop-by-hop ones), for `user`.
+pub fn request_head(
+    agent_id: Id,
+    user: &ProxyUser,
+    request: &http::Request<Body>,
+) -> pb::RequestHead {
+    pb::RequestHead {
+        agent_id,
+        method: request.method().as_str().to_owned(),
+        path: request
+            .uri()
+            .path_and_query()
+            .map_or("/", http::uri::PathAndQuery::as_str)
+            .to_owned(),
+        headers: crate::agent::upstream::to_headers(request.headers()),
+        user: Some(pb::GitLabUser {
+            id: user.id,
+            username: user.username.clone(),
+            access_level: user.access_level,
+            project_path: user.project_path.clone(),
+            project_id: user.project_id,
+        }),
+    }
+}
+
+/// The request a tunnel head and body stand for, and its user.
+pub fn request_from(
+    head: pb::RequestHead,
+    body: Body,
+) -> Result<(Id, ProxyUser, http::Request<Body>), String> {
+    let user = head.user.ok_or("the request names no user")?;
+    let mut request = http::Request::builder()
+        .method(head.method.as_str())
+        .uri(head.path.as_str());
+    if let Some(headers) = request.headers_mut() {
+        append_headers(headers, head.headers);
+    }
+    let request = request
+        .body(body)
+        .map_err(|e| format!("invalid request: {e}"))?;
+    let user = ProxyUser {
+        id: user.id,
+        username: user.username,
+        access_level: user.access_level,
+        project_id: user.project_id,
+        project_path: user.project_path,
+    };
+    Ok((head.agent_id, user, request))
+}
+
+/// A response as tunnel messages: its head, then its body in chunks; a body that breaks off
+/// ends the stream with `UNAVAILABLE`.
+pub fn response_messages(
+    response: http::Response<Body>,
+) -> impl tokio_stream::Stream<Item = Result<pb::TunnelResponse, tonic::Status>> + Send {
+    let (parts, body) = response.into_parts();
+    let head = pb::TunnelResponse {
+        message: Some(pb::tunnel_response::Message::Head(pb::ResponseHead {
+            status: u32::from(parts.status.as_u16()),
+            headers: crate::agent::upstream::to_headers(&parts.headers),
+        })),
+    };
+    let chunks = body.into_data_stream().map(|chunk| match chunk {
+        Ok(chunk) => Ok(pb::TunnelResponse {
+            message: Some(pb::tunnel_response::Message::Body(chunk.to_vec())),
+        }),
+        Err(error) => Err(tonic::Status::unavailable(format!(
+            "the response broke off: {error}"
+        ))),
+    });
+    tokio_stream::once(Ok(head)).chain(chunks)
+}
+
+/// Sends a request as a tunnel stream on `grpc` (at `path`, with `authorization`), and reads
+/// the response head; the body streams on.
+pub async fn exchange<T>(
+    mut grpc: tonic::client::Grpc<T>,
+    path: &'static str,
+    authorization: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
+    head: pb::RequestHead,
+    body: Body,
+) -> Result<http::Response<Body>, tonic::Status>
+where
+    T: tonic::client::GrpcService<tonic::body::Body>,
+    T::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    T::ResponseBody: http_body::Body<Data = Bytes> + Send + 'static,
+    <T::ResponseBody as http_body::Body>::Error:
+        Into<Box<dyn std::error::Error + Send + Sync>> + Send,
+{
+    let (tx, rx) = mpsc::channel::<pb::TunnelRequest>(4);
+    let _ = tx
+        .send(pb::TunnelRequest {
+            message: Some(pb::tunnel_request::Message::Head(head)),
+        })
+        .await;
+    tokio::spawn(send_body(body, tx));
+    let mut call = tonic::Request::new(ReceiverStream::new(rx));
+    if let Some(value) = authorization {
+        call.metadata_mut().insert("authorization", value);
+    }
+    grpc.ready()
+        .await
+        .map_err(|e| tonic::Status::unavailable(format!("not ready: {}", e.into())))?;
+    let mut inbound = grpc
+        .streaming(
+            call,
+            http::uri::PathAndQuery::from_static(path),
+            StrictCodec::<pb::TunnelRequest, pb::TunnelResponse>::default(),
+        )
+        .await?
+        .into_inner();
+    let head = match inbound.message().await? {
+        Some(pb::TunnelResponse {
+            message: Some(pb::tunnel_response::Message::Head(head)),
+        }) => head,
+        _ => {
+            return Err(tonic::Status::internal(
+                "the agent did not answer with a response head",
+            ));
+        }
+    };
+    let mut response = http::Response::builder().status(
+        u16::try_from(head.status)
+            .ok()
+            .and_then(|s| http::StatusCode::from_u16(s).ok())
+            .unwrap_or(http::StatusCode::BAD_GATEWAY),
+    );
+    if let Some(headers) = response.headers_mut() {
+        append_headers(headers, head.headers);
+    }
+    let body = inbound.filter_map(|message| match message {
+        Ok(pb::TunnelResponse {
+            message: Some(pb::tunnel_response::Message::Body(chunk)),
+        }) => Some(Ok(Bytes::from(chunk))),
+        Ok(_) => None,
+        Err(status) => Some(Err(std::io::Error::other(status.message().to_owned()))),
+    });
+    response
+        .body(Body::from_stream(body))
+        .map_err(|e| tonic::Status::internal(format!("invalid response: {e}")))
+}
+
+/// Tunnel headers into a header map, without the hop-by-hop ones and invalid ones.
+fn append_headers(headers: &mut http::HeaderMap, from: Vec<pb::Header>) {
+    for header in from {
+        let Ok(name) = http::HeaderName::from_bytes(header.name.as_bytes()) else {
+            continue;
         };
-        let mut response = http::Response::builder().status(
-            u16::try_from(head.status)
-                .ok()
-                .and_then(|s| http::StatusCode::from_u16(s).ok())
-                .unwrap_or(http::StatusCode::BAD_GATEWAY),
-        );
-        if let Some(headers) = response.headers_mut() {
-            for header in head.headers {
-                let Ok(name) = http::HeaderName::from_bytes(header.name.as_bytes()) else {
-                    continue;
-                };
-                if crate::agent::upstream::is_hop_by_hop(&name) {
-                    continue;
-                }
-                for value in header.values {
-                    if let Ok(value) = http::HeaderValue::from_bytes(&value) {
-                        headers.append(name.clone(), value);
-                    }
-                }
+        if crate::agent::upstream::is_hop_by_hop(&name) {
+            continue;
+        }
+        for value in header.values {
+            if let Ok(value) = http::HeaderValue::from_bytes(&value) {
+                headers.append(name.clone(), value);
             }
         }
-        // The permit goes with the body: the stream counts until the response ends.
-        let body = inbound.filter_map(move |message| {
-            let _streaming = &permit;
-            match message {
-                Ok(pb::TunnelResponse {
-                    message: Some(pb::tunnel_response::Message::Body(chunk)),
-                }) => Some(Ok(Bytes::from(chunk))),
-                Ok(_) => None,
-                Err(status) => Some(Err(std::io::Error::other(status.message().to_owned()))),
-            }
-        });
-        response
-            .body(Body::from_stream(body))
-            .map_err(|e| RequestError::Tunnel(format!("invalid response from the agent: {e}")))
     }
 }
 
