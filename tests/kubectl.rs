@@ -431,6 +431,47 @@ async fn kubectl_reaches_the_cluster_through_the_gateway(#[case] mode: Mode) {
         exec.contains("do not pass through the gateway") || exec.contains("NotImplemented"),
         "{exec}"
     );
+
+    // One audit line per proxied request, with the bytes each way; never a token or a body.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let log = chain.gateway.log_text();
+    let audit: Vec<Value> = chain
+        .gateway
+        .log
+        .lock()
+        .unwrap()
+        .iter()
+        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+        .filter(|line| line["message"] == "proxied")
+        .collect();
+    let get = audit
+        .iter()
+        .find(|l| {
+            l["method"] == "GET"
+                && l["path"] == "/api/v1/namespaces/default/configmaps/settings"
+                && l["status"] == 200
+        })
+        .unwrap_or_else(|| panic!("{audit:?}"));
+    assert_eq!(get["user"], "dev");
+    assert_eq!(get["agent_id"], chain.agent_id);
+    assert_eq!(get["ended"], "complete");
+    assert!(get["bytes_received"].as_u64().unwrap() > 100, "{get}");
+    assert!(
+        audit
+            .iter()
+            .any(|l| l["path"].as_str().unwrap().ends_with("/configmaps")
+                && l["ended"] == "client went away"),
+        "the killed watch: {audit:?}"
+    );
+    assert!(
+        audit
+            .iter()
+            .any(|l| l["method"] == "POST" && l["bytes_sent"].as_u64().unwrap() > 0),
+        "the apply's body: {audit:?}"
+    );
+    for secret in [chain.token.as_str(), UPSTREAM_TOKEN, "yellow"] {
+        assert!(!log.contains(secret), "{secret} reached the log");
+    }
 }
 
 /// A request without discovery first: kubectl shows the refusal's message as it is (its
