@@ -380,6 +380,8 @@ pub async fn start(
         // Its own connection budget: the public listeners' clients cannot crowd it out.
         let limits = crate::listener::Limits {
             max_connections: PRIVATE_API_MAX_CONNECTIONS,
+            // One connection carries every request relayed from a replica, watches included.
+            max_concurrent_streams: PRIVATE_API_MAX_STREAMS,
             ..config.limits.clone()
         };
         listeners.spawn(listener::serve(
@@ -470,6 +472,10 @@ pub async fn start(
 
 /// Connections the private API accepts (from the other replicas).
 const PRIVATE_API_MAX_CONNECTIONS: usize = 256;
+
+/// Concurrent streams on one connection from another replica: each relayed request to an
+/// agent's cluster is one for as long as it lasts (a watch for minutes).
+const PRIVATE_API_MAX_STREAMS: u32 = 10_000;
 
 /// How long closing the database's connections may take at exit.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
