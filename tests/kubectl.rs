@@ -156,11 +156,11 @@ fn replica(dir: &Path, database: &str, name: &str) -> Gateway {
 }
 
 async fn chain(mode: Mode) -> Chain {
-    chain_of(mode, 1).await
+    chain_of(mode, 1, "agent").await
 }
 
 /// The chain with `replicas` gateways: one on SQLite, or several on one PostgreSQL database.
-async fn chain_of(mode: Mode, replicas: usize) -> Chain {
+async fn chain_of(mode: Mode, replicas: usize, access_as: &str) -> Chain {
     let dir = tempfile::tempdir().unwrap();
     let fake = FakeKube::start(UPSTREAM_TOKEN).await;
     let (gateway, others, database) = if replicas == 1 {
@@ -262,6 +262,7 @@ async fn chain_of(mode: Mode, replicas: usize) -> Chain {
         .arg("--upstream-token-file")
         .arg(write(files, "upstream-token", UPSTREAM_TOKEN))
         .args(["--log-format", "json"])
+        .args(["--access-as", access_as])
         .stdout(Stdio::null())
         .stderr(Stdio::null());
     if !matches!(mode, Mode::JwtCleartext) {
@@ -582,7 +583,7 @@ async fn kubectl_through_either_replica() {
     if !have_kubectl() || common::postgres_skipped() {
         return;
     }
-    let chain = chain_of(Mode::JwtTls, 2).await;
+    let chain = chain_of(Mode::JwtTls, 2, "agent").await;
     chain.fake.put_configmap("settings", &[("colour", "blue")]);
     let (_, other_ingress) = &chain.replicas[0];
     let through_other = kubeconfig(
@@ -622,4 +623,38 @@ async fn kubectl_through_either_replica() {
         .fake
         .wait_streams(WAIT, |s| s.open() == 0 && s.closed > closed_before)
         .await;
+}
+
+/// `--access-as user`: the agent impersonates the GitLab user, whatever the kubeconfig asks
+/// (kubectl's own `--as` never reaches the cluster).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_can_act_as_the_gitlab_user() {
+    if !have_kubectl() || common::kube::kubectl_version() < (1, 27) {
+        return;
+    }
+    let chain = chain_of(Mode::JwtTls, 1, "user").await;
+    let config = chain.kubeconfig(&chain.token);
+    for extra in [
+        &[][..],
+        &["--as", "system:admin", "--as-group", "system:masters"][..],
+    ] {
+        let args = [&["auth", "whoami", "-o", "json"][..], extra].concat();
+        let review: Value = serde_json::from_str(&run(&config, &args).await).unwrap();
+        assert_eq!(
+            review["status"]["userInfo"],
+            json!({
+                "username": "gitlab:user:dev",
+                "groups": ["gitlab:user", format!("gitlab:project_role:{}:developer", chain.project)],
+            }),
+            "{extra:?}"
+        );
+    }
+    // Still with the agent's own token.
+    assert!(
+        chain
+            .fake
+            .requests()
+            .iter()
+            .all(|r| r.token.as_deref() == Some(UPSTREAM_TOKEN))
+    );
 }
