@@ -39,6 +39,47 @@ pub fn init(level: &str, format: LogFormat) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("installing the log subscriber: {e}"))
 }
 
+/// At most one log line per period for a kind of event that clients can cause at will (a
+/// refused credential): the first is logged, the rest of the period only counted, and the
+/// count goes with the next line.
+#[derive(Debug)]
+pub struct Throttle {
+    period_ms: u64,
+    /// Milliseconds since `start` of the last line logged, plus one (0: none yet).
+    last: std::sync::atomic::AtomicU64,
+    suppressed: std::sync::atomic::AtomicU64,
+    start: std::sync::OnceLock<std::time::Instant>,
+}
+
+impl Throttle {
+    /// At most one line per `period`.
+    pub const fn new(period: std::time::Duration) -> Self {
+        Self {
+            period_ms: period.as_millis() as u64,
+            last: std::sync::atomic::AtomicU64::new(0),
+            suppressed: std::sync::atomic::AtomicU64::new(0),
+            start: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// `Some(events suppressed since the last line)` when this one may be logged.
+    pub fn allow(&self) -> Option<u64> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let start = self.start.get_or_init(std::time::Instant::now);
+        let now = u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX - 1) + 1;
+        let last = self.last.load(Relaxed);
+        if last != 0 && now.saturating_sub(last) < self.period_ms {
+            self.suppressed.fetch_add(1, Relaxed);
+            return None;
+        }
+        if self.last.compare_exchange(last, now, Relaxed, Relaxed).is_err() {
+            self.suppressed.fetch_add(1, Relaxed);
+            return None;
+        }
+        Some(self.suppressed.swap(0, Relaxed))
+    }
+}
+
 /// The text format's fields and message, with control characters escaped: the default
 /// formatter writes `%` values and the message verbatim, so a newline in a value (a URL, a
 /// path, an error from elsewhere) would start a line that looks like the gateway's own.
@@ -146,6 +187,17 @@ mod tests {
         assert!(text.contains(r"value=\u{1b}]0;title\u{7}"), "{text}");
         assert!(!text.contains("\u{1b}]0;"), "{text}");
         assert!(!text.contains('\u{7}'), "{text}");
+    }
+
+    #[test]
+    fn throttled_lines_count_what_they_hide() {
+        let throttle = Throttle::new(std::time::Duration::from_millis(200));
+        assert_eq!(throttle.allow(), Some(0));
+        assert_eq!(throttle.allow(), None);
+        assert_eq!(throttle.allow(), None);
+        std::thread::sleep(std::time::Duration::from_millis(250));
+        assert_eq!(throttle.allow(), Some(2));
+        assert_eq!(throttle.allow(), None);
     }
 
     #[test]

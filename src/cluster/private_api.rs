@@ -70,7 +70,11 @@ pub fn router(
             MAX_TOKEN_LIFETIME_SECS,
         )
         .map_err(|error| {
-            tracing::info!(%error, "refused a private API call");
+            static REFUSED: crate::telemetry::Throttle =
+                crate::telemetry::Throttle::new(Duration::from_secs(10));
+            if let Some(suppressed) = REFUSED.allow() {
+                tracing::info!(%error, suppressed, "refused a private API call");
+            }
             unauthenticated()
         })?;
         Ok(request)

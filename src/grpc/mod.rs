@@ -101,7 +101,12 @@ impl Api {
             ) {
                 Ok(()) => Ok(Caller::gitlab()),
                 Err(error) => {
-                    tracing::info!(%error, "refused a GitLab JWT");
+                    // Anyone can send a bad token as often as they like: one line per 10 s.
+                    static REFUSED: crate::telemetry::Throttle =
+                        crate::telemetry::Throttle::new(Duration::from_secs(10));
+                    if let Some(suppressed) = REFUSED.allow() {
+                        tracing::info!(%error, suppressed, "refused a GitLab JWT");
+                    }
                     Err(unauthenticated())
                 }
             };
