@@ -72,7 +72,11 @@ impl Throttle {
             self.suppressed.fetch_add(1, Relaxed);
             return None;
         }
-        if self.last.compare_exchange(last, now, Relaxed, Relaxed).is_err() {
+        if self
+            .last
+            .compare_exchange(last, now, Relaxed, Relaxed)
+            .is_err()
+        {
             self.suppressed.fetch_add(1, Relaxed);
             return None;
         }

@@ -494,3 +494,42 @@ async fn limits_hold_and_every_request_is_counted() {
         "{text}"
     );
 }
+
+/// The agent going away in the middle of a watch ends the client's response (cut short, not
+/// complete), promptly rather than never.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_ends_when_its_agent_goes_away() {
+    let (url, seen) = upstream().await;
+    let (gw, project, agent, sim) = connected_agent(&url, AccessAs::Agent).await;
+    let token = proxy_user(&gw, project, "dev", 30, &["k8s_proxy"]).await;
+    let mut watch = proxy_request(
+        &gw,
+        reqwest::Method::GET,
+        agent,
+        &token,
+        "/api/v1/pods?watch=true",
+    )
+    .send()
+    .await
+    .unwrap();
+    assert_eq!(watch.status(), 200);
+    let events = seen.watch.lock().unwrap().last().cloned().unwrap();
+    events
+        .send(Bytes::from_static(b"{\"type\":\"ADDED\"}\n"))
+        .await
+        .unwrap();
+    assert!(watch.chunk().await.unwrap().is_some());
+    sim.stop().await;
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match watch.chunk().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => return "complete",
+                Err(_) => return "cut short",
+            }
+        }
+    })
+    .await
+    .expect("the watch outlived its agent");
+    assert_eq!(ended, "cut short");
+}

@@ -25,10 +25,12 @@ pub type TunnelStream = Pin<Box<dyn Stream<Item = Result<pb::TunnelResponse, Sta
 
 /// Serves one tunnelled request: reads its head, sends it with its body to `upstream`, and
 /// streams the response back. The gateway cancelling the stream (its client went away) drops
-/// the upstream request at once, even while upstream is silent (a watch with no events).
+/// the upstream request at once, even while upstream is silent (a watch with no events); so
+/// does `shutdown`.
 pub async fn tunnel(
     upstream: Option<Arc<Upstream>>,
     mut inbound: Streaming<pb::TunnelRequest>,
+    shutdown: tokio_util::sync::CancellationToken,
 ) -> Result<TunnelStream, Status> {
     let head = match inbound.message().await? {
         Some(pb::TunnelRequest {
@@ -66,6 +68,11 @@ pub async fn tunnel(
         loop {
             let frame = tokio::select! {
                 () = tx.closed() => return,
+                // The agent stops: the response is cut short, and says why.
+                () = shutdown.cancelled() => {
+                    let _ = tx.send(Err(Status::unavailable("the agent is shutting down"))).await;
+                    return;
+                }
                 frame = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)) => frame,
             };
             match frame {

@@ -146,9 +146,17 @@ impl AgentServer {
     /// Stops serving and closes every session.
     pub async fn stop(self) {
         self.shutdown.cancel();
-        let _ = self.task.await;
+        // Tunnels end at once on the shutdown; the rest gets a moment, then goes.
+        let mut task = self.task;
+        if tokio::time::timeout(STOP_TIMEOUT, &mut task).await.is_err() {
+            tracing::warn!("the agent's connections did not close in time");
+            task.abort();
+        }
     }
 }
+
+/// How long stopping waits for the connections to close.
+const STOP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 struct Handler {
     config: AgentConfig,
@@ -190,9 +198,13 @@ impl ReceptiveAgent for Handler {
         request: Request<Streaming<pb::TunnelRequest>>,
     ) -> Result<Response<Self::TunnelStream>, Status> {
         self.verify(request.metadata())?;
-        super::tunnel(self.upstream.clone(), request.into_inner())
-            .await
-            .map(Response::new)
+        super::tunnel(
+            self.upstream.clone(),
+            request.into_inner(),
+            self.shutdown.clone(),
+        )
+        .await
+        .map(Response::new)
     }
 
     async fn session(
