@@ -1,7 +1,8 @@
 //! The Kubernetes API proxy end to end over loopback: a client with `pat:<agent>:<token>`, the
 //! gateway, a live session with a simulated agent, the agent's upstream (an HTTP server in the
-//! test). Requests and responses stream through; a client that goes away cancels upstream;
-//! the caller's credentials never reach the agent; refusals are Kubernetes `Status` objects.
+//! test). Requests and responses stream through; a client that goes away cancels upstream,
+//! and one that stops reading holds up no one else; the caller's credentials never reach the
+//! agent; refusals are Kubernetes `Status` objects.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
@@ -32,6 +33,8 @@ struct Seen {
     /// Every watch's event feed, oldest first (kept, so that each stays open).
     watch: Mutex<Vec<mpsc::Sender<Bytes>>>,
     watch_dropped: AtomicBool,
+    /// Bytes the large responses produced so far.
+    produced: std::sync::atomic::AtomicU64,
 }
 
 /// Sets a flag when the watch's response body is dropped (the connection went away).
@@ -86,6 +89,30 @@ async fn upstream() -> (String, Arc<Seen>) {
                     );
                     http::Response::builder()
                         .header("content-type", "application/json")
+                        .body(Body::from_stream(stream))
+                        .unwrap()
+                }
+            }),
+        )
+        .route(
+            "/api/v1/namespaces/default/pods/big/log",
+            get({
+                let seen = Arc::clone(&seen);
+                // 64 MiB, generated as it is read.
+                move || async move {
+                    let chunk = Bytes::from(vec![b'x'; 64 * 1024]);
+                    let stream = futures::stream::unfold(1024, move |left| {
+                        let (chunk, seen) = (chunk.clone(), Arc::clone(&seen));
+                        async move {
+                            (left > 0).then(|| {
+                                seen.produced
+                                    .fetch_add(chunk.len() as u64, Ordering::SeqCst);
+                                (Ok::<_, std::io::Error>(chunk), left - 1)
+                            })
+                        }
+                    });
+                    http::Response::builder()
+                        .header("content-type", "text/plain")
                         .body(Body::from_stream(stream))
                         .unwrap()
                 }
@@ -532,4 +559,64 @@ async fn a_watch_ends_when_its_agent_goes_away() {
     .await
     .expect("the watch outlived its agent");
     assert_eq!(ended, "cut short");
+}
+
+/// A stream's unread data holds the agent connection's HTTP/2 window as well as its own: with
+/// a window for two streams, two paused `kubectl logs -f` blocked every other request through
+/// the agent, and its heartbeats, until the session was dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_that_stop_reading_hold_up_no_one_else() {
+    let (url, seen) = upstream().await;
+    let (gw, project, agent, _sim) = connected_agent(&url, AccessAs::Agent).await;
+    let token = proxy_user(&gw, project, "dev", 30, &["k8s_proxy"]).await;
+    // Two clients ask for a large log and stop reading it: everything on the way fills up
+    // (sockets, the gateway's buffers, each stream's HTTP/2 window) and upstream stalls.
+    let mut stalled = Vec::new();
+    for _ in 0..2 {
+        let response = proxy_request(
+            &gw,
+            reqwest::Method::GET,
+            agent,
+            &token,
+            "/api/v1/namespaces/default/pods/big/log",
+        )
+        .send()
+        .await
+        .unwrap();
+        assert_eq!(response.status(), 200);
+        stalled.push(response);
+    }
+    let mut last = 0;
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let produced = seen.produced.load(Ordering::SeqCst);
+        if produced == last {
+            break;
+        }
+        last = produced;
+    }
+    assert!(last < 2 * 64 * 1024 * 1024, "nothing stalled: {last} bytes");
+    // Someone else's request through the same agent still gets its answer.
+    let other = proxy_user(&gw, project, "other", 30, &["k8s_proxy"]).await;
+    let response = tokio::time::timeout(
+        Duration::from_secs(10),
+        proxy_request(
+            &gw,
+            reqwest::Method::GET,
+            agent,
+            &other,
+            "/api/v1/namespaces/default/configmaps",
+        )
+        .send(),
+    )
+    .await
+    .expect("a request behind two stalled readers got no answer")
+    .unwrap();
+    assert_eq!(response.status(), 200);
+    let body = tokio::time::timeout(Duration::from_secs(10), response.bytes())
+        .await
+        .expect("a request behind two stalled readers got no body")
+        .unwrap();
+    assert!(body.starts_with(b"{"));
+    drop(stalled);
 }

@@ -658,3 +658,66 @@ async fn the_agent_can_act_as_the_gitlab_user() {
             .all(|r| r.token.as_deref() == Some(UPSTREAM_TOKEN))
     );
 }
+
+/// Over plain HTTP (HTTP/1.1, which kubectl speaks to an `http://` server), a response with a
+/// `Content-Length` is over with its last byte: the audit line says `complete`, and the
+/// agent's stream is read to its end rather than reset as for a client that went away (under
+/// load, those resets made h2 close the agent's whole session after 1,024). A client that
+/// leaves a watch is still told apart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn whole_responses_are_audited_as_complete() {
+    let chain = chain(Mode::JwtCleartext).await;
+    chain.fake.put_configmap("settings", &[("colour", "blue")]);
+    let client = reqwest::Client::builder().http1_only().build().unwrap();
+    let get = |path: &str| {
+        client
+            .get(chain.gateway.url(&format!("/k8s-proxy{path}")))
+            .bearer_auth(format!("pat:{}:{}", chain.agent_id, chain.token))
+            .send()
+    };
+    let object = "/api/v1/namespaces/default/configmaps/settings";
+    for _ in 0..3 {
+        let response = get(object).await.unwrap();
+        assert_eq!(response.status(), 200);
+        assert!(response.content_length().is_some());
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["data"]["colour"], "blue");
+    }
+    let watch = get("/api/v1/namespaces/default/configmaps?watch=true")
+        .await
+        .unwrap();
+    assert_eq!(watch.status(), 200);
+    chain.fake.wait_streams(WAIT, |s| s.open() == 1).await;
+    drop(watch);
+    chain.fake.wait_streams(WAIT, |s| s.open() == 0).await;
+
+    let deadline = Instant::now() + WAIT;
+    let audit = loop {
+        let lines: Vec<Value> = chain
+            .gateway
+            .log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+            .filter(|event| event["message"] == "proxied")
+            .collect();
+        if lines.len() >= 4 {
+            break lines;
+        }
+        assert!(Instant::now() < deadline, "audit lines: {lines:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let ended = |path: &str| -> Vec<String> {
+        audit
+            .iter()
+            .filter(|event| event["path"] == path)
+            .map(|event| event["ended"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(ended(object), ["complete", "complete", "complete"]);
+    assert_eq!(
+        ended("/api/v1/namespaces/default/configmaps"),
+        ["client went away"]
+    );
+}

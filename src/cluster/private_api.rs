@@ -318,13 +318,20 @@ impl Forwarder {
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
         let head = crate::dialer::tunnel::request_head(agent_id, user, &request);
         let authorization = format!("Bearer {}", self.token()).parse().ok();
-        crate::dialer::tunnel::exchange(grpc, PROXY_PATH, authorization, head, request.into_body())
-            .await
-            .map_err(|status| match status.code() {
-                tonic::Code::Unknown => RequestError::Tunnel(status.message().to_owned()),
-                tonic::Code::ResourceExhausted => RequestError::TooManyStreams,
-                _ => request_error(&status, unreachable),
-            })
+        crate::dialer::tunnel::exchange(
+            grpc,
+            PROXY_PATH,
+            authorization,
+            head,
+            request.into_body(),
+            None,
+        )
+        .await
+        .map_err(|status| match status.code() {
+            tonic::Code::Unknown => RequestError::Tunnel(status.message().to_owned()),
+            tonic::Code::ResourceExhausted => RequestError::TooManyStreams,
+            _ => request_error(&status, unreachable),
+        })
     }
 
     /// Asks the replica at `url` to dial the agent now.

@@ -20,13 +20,24 @@ use crate::metrics::Cause;
 use crate::proto::agent::v1 as pb;
 use crate::proto::codec::StrictCodec;
 
-/// HTTP/2 flow-control windows of a session. Sessions carry small messages (hellos,
-/// heartbeats, requests and their responses), so 64 KiB is plenty, and it bounds what an
-/// agent can make the gateway buffer (hyper's defaults are 2 MiB a stream and 5 MiB a
-/// connection: 50 GiB in the worst case at 10,000 agents).
+/// HTTP/2 flow-control window of each stream of a session: the session call's (hellos,
+/// heartbeats, requests and their responses) and each tunnelled request's. 64 KiB is plenty,
+/// and it bounds what an agent can make the gateway buffer per stream (hyper's defaults are
+/// 2 MiB a stream and 5 MiB a connection: 50 GiB in the worst case at 10,000 agents).
 const STREAM_WINDOW: u32 = 64 * 1024;
-/// The connection's window: room for the one stream and the next.
-const CONNECTION_WINDOW: u32 = 2 * STREAM_WINDOW;
+
+/// The connection's window: every stream's window together (the session call's and one per
+/// tunnelled request allowed at once). A stream's unread data holds the connection's window
+/// too, so anything smaller lets a few clients that stop reading a large response (a paused
+/// `kubectl logs -f`) hold up every other request through the agent, and its heartbeats,
+/// until the session is dropped for missing them. What the gateway can be made to hold stays
+/// 64 KiB per open stream, and streams open only for requests clients make.
+fn connection_window(max_tunnel_streams: usize) -> u32 {
+    let streams = u32::try_from(max_tunnel_streams.saturating_add(1)).unwrap_or(u32::MAX);
+    // HTTP/2's largest window is 2^31 - 1.
+    STREAM_WINDOW.saturating_mul(streams).min((1 << 31) - 1)
+}
+
 /// At most this much is queued for sending on a session.
 const MAX_SEND_BUFFER: usize = 64 * 1024;
 /// The session stream's encoding and decoding buffers start this small and grow when a
@@ -210,7 +221,7 @@ async fn attempt(
     http2
         .timer(TokioTimer::new())
         .initial_stream_window_size(STREAM_WINDOW)
-        .initial_connection_window_size(CONNECTION_WINDOW)
+        .initial_connection_window_size(connection_window(settings.max_tunnel_streams))
         .max_send_buf_size(MAX_SEND_BUFFER)
         .keep_alive_interval(settings.keepalive)
         .keep_alive_timeout(settings.keepalive_timeout)

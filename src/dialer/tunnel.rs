@@ -1,14 +1,19 @@
 //! Requests through a live session: each HTTP request becomes its own `Tunnel` stream on the
 //! agent's HTTP/2 connection, authenticated as the session call is (a fresh JWT, or the
-//! connection's client certificate). Bodies stream both ways; dropping the response (the
-//! client went away) resets the stream, which cancels the request at the agent and upstream.
+//! connection's client certificate). Bodies stream both ways; dropping the response before
+//! its end (the client went away) resets the stream, which cancels the request at the agent
+//! and upstream.
 
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
 
 use axum::body::Body;
 use bytes::Bytes;
+use http_body::Frame;
 use ring::signature::Ed25519KeyPair;
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 
@@ -23,6 +28,10 @@ const TUNNEL_PATH: &str = "/kas_gateway.agent.v1.ReceptiveAgent/Tunnel";
 
 /// The largest request body chunk sent in one message.
 const MAX_CHUNK: usize = 32 * 1024;
+
+/// How long the end of a stream whose body was delivered whole is waited for (see
+/// [`TunnelBody`]'s `Drop`).
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What opens tunnels to one agent while its session is up.
 #[derive(Clone)]
@@ -85,22 +94,16 @@ impl Tunnels {
             };
         let mut grpc = self.grpc.clone();
         grpc.ready().await.map_err(|_| RequestError::SessionEnded)?;
-        let response = exchange(
+        exchange(
             grpc,
             TUNNEL_PATH,
             authorization,
             request_head(self.agent_id, user, &request),
             request.into_body(),
+            Some(permit),
         )
         .await
-        .map_err(tunnel_error)?;
-        // The permit goes with the body: the stream counts until the response ends.
-        Ok(response.map(|body| {
-            Body::from_stream(body.into_data_stream().map(move |chunk| {
-                let _streaming = &permit;
-                chunk
-            }))
-        }))
+        .map_err(tunnel_error)
     }
 }
 
@@ -186,6 +189,7 @@ pub async fn exchange<T>(
     authorization: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
     head: pb::RequestHead,
     body: Body,
+    permit: Option<OwnedSemaphorePermit>,
 ) -> Result<http::Response<Body>, tonic::Status>
 where
     T: tonic::client::GrpcService<tonic::body::Body>,
@@ -235,15 +239,19 @@ where
     if let Some(headers) = response.headers_mut() {
         append_headers(headers, head.headers);
     }
-    let body = inbound.filter_map(|message| match message {
-        Ok(pb::TunnelResponse {
-            message: Some(pb::tunnel_response::Message::Body(chunk)),
-        }) => Some(Ok(Bytes::from(chunk))),
-        Ok(_) => None,
-        Err(status) => Some(Err(std::io::Error::other(status.message().to_owned()))),
-    });
+    let remaining = response
+        .headers_ref()
+        .and_then(|headers| headers.get(http::header::CONTENT_LENGTH))
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    // The permit goes with the body: the stream counts until the response ends.
     response
-        .body(Body::from_stream(body))
+        .body(Body::new(TunnelBody {
+            inbound: Some(inbound),
+            remaining,
+            ended: false,
+            permit,
+        }))
         .map_err(|e| tonic::Status::internal(format!("invalid response: {e}")))
 }
 
@@ -261,6 +269,93 @@ fn append_headers(headers: &mut http::HeaderMap, from: Vec<pb::Header>) {
                 headers.append(name.clone(), value);
             }
         }
+    }
+}
+
+/// A tunnel's response body: the agent's body messages as they come.
+///
+/// hyper drops an HTTP/1.1 response body as soon as its `Content-Length` is written, which is
+/// before the agent's end of stream (the gRPC trailers) has arrived. Dropping the stream then
+/// resets it (`RST_STREAM`), as for a client that went away. Under load, trailers then arrive
+/// on streams h2 no longer remembers (it keeps the last 50 resets), h2 answers each with a
+/// reset of its own, and after 1,024 of those it closes the connection: the agent's session,
+/// with every request on it. So a body is at its end once its announced length is delivered,
+/// and dropping it then reads the stream's end instead of resetting it.
+struct TunnelBody {
+    inbound: Option<tonic::Streaming<pb::TunnelResponse>>,
+    /// Bytes still to come, when the response announced its length.
+    remaining: Option<u64>,
+    /// The agent ended the stream.
+    ended: bool,
+    /// The agent's stream counts against its limit until it is over.
+    permit: Option<OwnedSemaphorePermit>,
+}
+
+impl http_body::Body for TunnelBody {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = &mut *self;
+        let Some(inbound) = this.inbound.as_mut() else {
+            return Poll::Ready(None);
+        };
+        loop {
+            let message = match tokio_stream::Stream::poll_next(Pin::new(&mut *inbound), cx) {
+                Poll::Ready(message) => message,
+                Poll::Pending => return Poll::Pending,
+            };
+            match message {
+                Some(Ok(pb::TunnelResponse {
+                    message: Some(pb::tunnel_response::Message::Body(chunk)),
+                })) => {
+                    if let Some(remaining) = &mut this.remaining {
+                        *remaining = remaining.saturating_sub(chunk.len() as u64);
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(Bytes::from(chunk)))));
+                }
+                Some(Ok(_)) => {}
+                Some(Err(status)) => {
+                    return Poll::Ready(Some(Err(std::io::Error::other(
+                        status.message().to_owned(),
+                    ))));
+                }
+                None => {
+                    this.ended = true;
+                    return Poll::Ready(None);
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.ended || self.remaining == Some(0)
+    }
+}
+
+impl Drop for TunnelBody {
+    fn drop(&mut self) {
+        // Delivered whole: read the stream's end rather than reset it. Otherwise the client
+        // went away, and the reset cancels the request at the agent and upstream.
+        if self.ended || self.remaining != Some(0) {
+            return;
+        }
+        let (Some(mut inbound), Ok(runtime)) =
+            (self.inbound.take(), tokio::runtime::Handle::try_current())
+        else {
+            return;
+        };
+        let permit = self.permit.take();
+        runtime.spawn(async move {
+            let _streaming = permit;
+            let _ = tokio::time::timeout(DRAIN_TIMEOUT, async {
+                while let Ok(Some(_)) = inbound.message().await {}
+            })
+            .await;
+        });
     }
 }
 

@@ -371,6 +371,11 @@ impl http_body::Body for Metered {
                         this.record.received.fetch_add(len, Ordering::Relaxed);
                         idle.as_mut()
                             .reset(tokio::time::Instant::now() + *idle_timeout);
+                        // A response of announced length is over with its last byte: the
+                        // server drops it then, without polling it to its end.
+                        if this.inner.is_end_stream() {
+                            this.record.finish("complete");
+                        }
                     }
                 }
             }
