@@ -230,21 +230,26 @@ async fn replicas_share_the_agents_and_take_over() {
     let takeovers = |samples: &[(common::binary::Sample, f64)]| {
         common::binary::metric_value(samples, "kas_gateway_cluster_takeovers_total", &[])
     };
-    let mut held_before = Vec::new();
-    for replica in replicas.iter().flatten() {
-        let samples = replica.metrics().await;
-        assert_eq!(
-            takeovers(&samples),
-            0.0,
-            "a takeover while every replica was up"
-        );
-        held_before.push(held(&samples));
-    }
-    assert_eq!(
-        held_before.iter().sum::<f64>(),
-        (AGENTS + 1) as f64,
-        "{held_before:?}"
-    );
+    // Read until the shares add up: a replica giving an agent back and another claiming it
+    // are a moment apart.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let held_before = loop {
+        let mut held_now = Vec::new();
+        for replica in replicas.iter().flatten() {
+            let samples = replica.metrics().await;
+            assert_eq!(
+                takeovers(&samples),
+                0.0,
+                "a takeover while every replica was up"
+            );
+            held_now.push(held(&samples));
+        }
+        if held_now.iter().sum::<f64>() == (AGENTS + 1) as f64 {
+            break held_now;
+        }
+        assert!(Instant::now() < deadline, "agents held: {held_now:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     let mut killed = replicas[0].take().unwrap();
     killed.signal("KILL");
     killed.wait();

@@ -5,15 +5,12 @@
 
 mod common;
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use common::binary::{
-    BIN, Gateway, Sample, metric_value as value, parse_metrics as parse, send, with_token,
+    BIN, Gateway, Sample, jwt_sim, metric_value as value, parse_metrics as parse, receptive_agent,
+    send, with_token,
 };
-use kas_gateway::agent_sim::{AgentSim, AgentSimConfig};
-use kas_gateway::clock::SystemClock;
-use kas_gateway::proto::agent::v1 as agent_pb;
 use kas_gateway::proto::v1 as pb;
 use reqwest::Method;
 use serde_json::{Value, json};
@@ -40,40 +37,6 @@ async fn get(url: &str, token: &str) -> reqwest::Response {
         .send()
         .await
         .unwrap()
-}
-
-/// Creates an agent with a token and a URL configuration for `url`; returns the agent's
-/// token and the configuration.
-async fn receptive_agent(
-    gateway: &Gateway,
-    agents: &str,
-    name: &str,
-    url: &str,
-) -> (String, Value) {
-    let (_, agent) = send(
-        Method::POST,
-        &gateway.url(agents),
-        TOKEN,
-        Some(json!({ "name": name })),
-    )
-    .await;
-    let base = format!("{agents}/{}", agent["id"]);
-    let (_, token) = send(
-        Method::POST,
-        &gateway.url(&format!("{base}/tokens")),
-        TOKEN,
-        Some(json!({"name": "t"})),
-    )
-    .await;
-    let (status, config) = send(
-        Method::POST,
-        &gateway.url(&format!("{base}/url_configurations")),
-        TOKEN,
-        Some(json!({ "url": url })),
-    )
-    .await;
-    assert_eq!(status, 201, "{config}");
-    (token["token"].as_str().unwrap().to_owned(), config)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -168,26 +131,21 @@ async fn metrics_after_a_known_sequence() {
     let agents = format!("/api/v4/projects/{}/cluster_agents", project["id"]);
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
-    let (agent_token, config) =
-        receptive_agent(&gateway, &agents, "up", &format!("grpc://127.0.0.1:{port}")).await;
-    let sim = AgentSim::start(
-        AgentSimConfig {
-            token: agent_token,
-            tls: None,
-            client_ca: None,
-            jwt_public_key: Some(config["public_key"].as_str().unwrap().to_owned()),
-            jwt_audience: kas_gateway::crypto::jwt::AUDIENCE.into(),
-            metadata: agent_pb::AgentMetadata::default(),
-            clock: Arc::new(SystemClock),
-        },
-        listener,
+    let (agent_token, config) = receptive_agent(
+        &gateway,
+        TOKEN,
+        &agents,
+        "up",
+        &format!("grpc://127.0.0.1:{port}"),
     )
-    .unwrap();
+    .await;
+    let sim = jwt_sim(agent_token, &config, listener);
     let closed = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let closed_port = closed.local_addr().unwrap().port();
     drop(closed);
     receptive_agent(
         &gateway,
+        TOKEN,
         &agents,
         "down",
         &format!("grpc://127.0.0.1:{closed_port}"),
@@ -359,21 +317,15 @@ async fn heartbeats_are_timed() {
     let agents = format!("/api/v4/projects/{}/cluster_agents", project["id"]);
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
-    let (agent_token, config) =
-        receptive_agent(&gateway, &agents, "a", &format!("grpc://127.0.0.1:{port}")).await;
-    let _sim = AgentSim::start(
-        AgentSimConfig {
-            token: agent_token,
-            tls: None,
-            client_ca: None,
-            jwt_public_key: Some(config["public_key"].as_str().unwrap().to_owned()),
-            jwt_audience: kas_gateway::crypto::jwt::AUDIENCE.into(),
-            metadata: agent_pb::AgentMetadata::default(),
-            clock: Arc::new(SystemClock),
-        },
-        listener,
+    let (agent_token, config) = receptive_agent(
+        &gateway,
+        TOKEN,
+        &agents,
+        "a",
+        &format!("grpc://127.0.0.1:{port}"),
     )
-    .unwrap();
+    .await;
+    let _sim = jwt_sim(agent_token, &config, listener);
     let deadline = std::time::Instant::now() + Duration::from_secs(15);
     loop {
         let samples = scrape(&gateway).await;

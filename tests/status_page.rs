@@ -8,14 +8,10 @@ mod common;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::binary::{Gateway, send, with_token};
+use common::binary::{Gateway, jwt_sim, receptive_agent, send, with_token};
 use futures::{SinkExt, StreamExt};
-use kas_gateway::agent_sim::{AgentSim, AgentSimConfig};
-use kas_gateway::clock::SystemClock;
-use kas_gateway::proto::agent::v1 as agent_pb;
 use reqwest::Method;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
@@ -167,55 +163,6 @@ impl Page {
     }
 }
 
-/// Creates agent `name` with a URL configuration for `url`; its token and configuration.
-async fn receptive_agent(
-    gateway: &Gateway,
-    agents: &str,
-    name: &str,
-    url: &str,
-) -> (String, Value) {
-    let (_, agent) = send(
-        Method::POST,
-        &gateway.url(agents),
-        TOKEN,
-        Some(json!({ "name": name })),
-    )
-    .await;
-    let base = format!("{agents}/{}", agent["id"]);
-    let (_, token) = send(
-        Method::POST,
-        &gateway.url(&format!("{base}/tokens")),
-        TOKEN,
-        Some(json!({"name": "t"})),
-    )
-    .await;
-    let (status, config) = send(
-        Method::POST,
-        &gateway.url(&format!("{base}/url_configurations")),
-        TOKEN,
-        Some(json!({ "url": url })),
-    )
-    .await;
-    assert_eq!(status, 201, "{config}");
-    (token["token"].as_str().unwrap().to_owned(), config)
-}
-
-fn sim(token: String, config: &Value, listener: TcpListener) -> AgentSim {
-    AgentSim::start(
-        AgentSimConfig {
-            token,
-            tls: None,
-            client_ca: None,
-            jwt_public_key: Some(config["public_key"].as_str().unwrap().to_owned()),
-            jwt_audience: kas_gateway::crypto::jwt::AUDIENCE.into(),
-            metadata: agent_pb::AgentMetadata::default(),
-            clock: Arc::new(SystemClock),
-        },
-        listener,
-    )
-    .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_status_page_shows_every_state_and_follows_a_connecting_agent() {
     let Some(browser) = Browser::start() else {
@@ -246,30 +193,33 @@ async fn the_status_page_shows_every_state_and_follows_a_connecting_agent() {
     let up_port = up.local_addr().unwrap().port();
     let (token, config) = receptive_agent(
         &gateway,
+        TOKEN,
         &agents,
         "prod-eu",
         &format!("grpc://127.0.0.1:{up_port}"),
     )
     .await;
-    let _up = sim(token, &config, up);
+    let _up = jwt_sim(token, &config, up);
     // Backing off: nothing listens.
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let closed_port = closed.local_addr().unwrap().port();
     drop(closed);
     receptive_agent(
         &gateway,
+        TOKEN,
         &agents,
         "staging",
         &format!("grpc://127.0.0.1:{closed_port}"),
     )
     .await;
     // Failed (once restarted): a link-local address, which the default denied networks refuse.
-    receptive_agent(&gateway, &agents, "lab", "grpc://169.254.10.10:4242").await;
+    receptive_agent(&gateway, TOKEN, &agents, "lab", "grpc://169.254.10.10:4242").await;
     // Connecting: the port takes connections into its backlog, and nobody answers yet.
     let late = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let late_port = late.local_addr().unwrap().port();
     let (late_token, late_config) = receptive_agent(
         &gateway,
+        TOKEN,
         &agents,
         "edge",
         &format!("grpc://127.0.0.1:{late_port}"),
@@ -340,7 +290,7 @@ async fn the_status_page_shows_every_state_and_follows_a_connecting_agent() {
 
     // The late agent answers: its row turns connected without a reload.
     page.eval("window.notReloaded = true").await;
-    let _late = sim(late_token, &late_config, late);
+    let _late = jwt_sim(late_token, &late_config, late);
     page.wait_for(
         &format!(
             "document.getElementById('agent-{late_id}').dataset.state === 'connected' \

@@ -133,7 +133,7 @@ impl Upstream {
         let dir = Path::new(SERVICE_ACCOUNT);
         let ca = std::fs::read_to_string(dir.join("ca.crt"))
             .with_context(|| format!("reading {}", dir.join("ca.crt").display()))?;
-        let token = read_token(&dir.join("token"))?;
+        let token = token_from_file(&dir.join("token"))?;
         Self::new(
             &format!("https://{host}:{port}"),
             Some(&ca),
@@ -314,14 +314,9 @@ pub fn to_headers(headers: &HeaderMap) -> Vec<pb::Header> {
     out
 }
 
-/// A token file's token, without the line end.
-fn read_token(path: &Path) -> anyhow::Result<Secret> {
+/// A token file's token, without the line end (`--upstream-token-file`, the service account's).
+pub fn token_from_file(path: &Path) -> anyhow::Result<Secret> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("reading the token file {}", path.display()))?;
     Ok(Secret::new(text.trim_end_matches(['\n', '\r'])))
-}
-
-/// Reads a token file (for `--upstream-token-file`).
-pub fn token_from_file(path: &Path) -> anyhow::Result<Secret> {
-    read_token(path)
 }

@@ -193,15 +193,6 @@ pub fn finish(router: Router) -> Router {
         ))
 }
 
-/// gRPC requests keep their own limits and validation; the REST refusals leave them alone.
-fn is_grpc(request: &Request) -> bool {
-    request
-        .headers()
-        .get(http::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("application/grpc"))
-}
-
 /// GitLab's `HandleMalformedStrings`: a path or query holding a NUL byte or invalid UTF-8
 /// (once percent-decoded) gets `400 Bad Request` in plain text, whatever the route, before
 /// authentication. Bodies are checked where they are parsed ([`extract::Params`]).
@@ -211,7 +202,7 @@ async fn refuse_malformed_strings(request: Request, next: Next) -> Response {
         || uri
             .query()
             .is_some_and(|query| extract::form_pairs(query.as_bytes()).is_err());
-    if malformed && !is_grpc(&request) {
+    if malformed && !crate::observe::is_grpc(request.headers()) {
         return Error::MalformedString.into_response();
     }
     next.run(request).await
@@ -227,7 +218,7 @@ async fn refuse_announced_oversize(request: Request, next: Next) -> Response {
         .and_then(|v| v.trim().parse::<u64>().ok());
     let limit = u64::try_from(MAX_BODY_BYTES).unwrap_or(u64::MAX);
     if announced.is_some_and(|length| length > limit)
-        && !is_grpc(&request)
+        && !crate::observe::is_grpc(request.headers())
         && !k8s_proxy::is_proxy_path(request.uri().path())
     {
         let mut response = Error::PayloadTooLarge.into_response();

@@ -260,6 +260,63 @@ impl Gateway {
     }
 }
 
+/// Creates agent `name` under `agents` (a project's agents path) as `token`, with an agent
+/// token and a URL configuration for `url`; returns the agent token and the configuration.
+pub async fn receptive_agent(
+    gateway: &Gateway,
+    token: &str,
+    agents: &str,
+    name: &str,
+    url: &str,
+) -> (String, Value) {
+    let (_, agent) = send(
+        reqwest::Method::POST,
+        &gateway.url(agents),
+        token,
+        Some(json!({ "name": name })),
+    )
+    .await;
+    let base = format!("{agents}/{}", agent["id"]);
+    let (_, agent_token) = send(
+        reqwest::Method::POST,
+        &gateway.url(&format!("{base}/tokens")),
+        token,
+        Some(json!({"name": "t"})),
+    )
+    .await;
+    let (status, config) = send(
+        reqwest::Method::POST,
+        &gateway.url(&format!("{base}/url_configurations")),
+        token,
+        Some(json!({ "url": url })),
+    )
+    .await;
+    assert_eq!(status, 201, "{config}");
+    (agent_token["token"].as_str().unwrap().to_owned(), config)
+}
+
+/// A simulated agent on `listener` presenting `agent_token` and checking the gateway's JWT
+/// with `config`'s public key.
+pub fn jwt_sim(
+    agent_token: String,
+    config: &Value,
+    listener: tokio::net::TcpListener,
+) -> kas_gateway::agent_sim::AgentSim {
+    kas_gateway::agent_sim::AgentSim::start(
+        kas_gateway::agent_sim::AgentSimConfig {
+            token: agent_token,
+            tls: None,
+            client_ca: None,
+            jwt_public_key: Some(config["public_key"].as_str().unwrap().to_owned()),
+            jwt_audience: kas_gateway::crypto::jwt::AUDIENCE.into(),
+            metadata: kas_gateway::proto::agent::v1::AgentMetadata::default(),
+            clock: Arc::new(kas_gateway::clock::SystemClock),
+        },
+        listener,
+    )
+    .unwrap()
+}
+
 pub async fn send(
     method: reqwest::Method,
     url: &str,
