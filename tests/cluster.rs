@@ -261,10 +261,19 @@ async fn replicas_share_the_agents_and_take_over() {
     eprintln!("after kill -9, every agent was connected again within {took:?}");
     assert_never_two(&sims);
     // The survivors counted exactly the killed replica's agents as taken over.
-    let mut taken = 0.0;
-    for replica in replicas.iter().flatten() {
-        taken += takeovers(&replica.metrics().await);
-    }
+    // Read until every one of them is claimed: the agents may notice the dead connections
+    // before the survivors' next round.
+    let deadline = Instant::now() + Duration::from_secs(TTL_SECONDS + 10);
+    let taken = loop {
+        let mut taken = 0.0;
+        for replica in replicas.iter().flatten() {
+            taken += takeovers(&replica.metrics().await);
+        }
+        if taken >= held_before[0] || Instant::now() >= deadline {
+            break taken;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     assert_eq!(taken, held_before[0], "takeovers counted");
 
     // SIGTERM: the replica hangs up and releases at once; the last one takes everything.
