@@ -115,6 +115,10 @@ impl SimProcess {
             .arg("--status-every-ms")
             .arg("20")
             .env("RUST_LOG", "warn")
+            .env(
+                "TOKIO_WORKER_THREADS",
+                std::env::var("SIM_THREADS").unwrap_or_else(|_| "2".into()),
+            )
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -175,11 +179,14 @@ fn agent_ports(base: u16, count: usize) -> Vec<u16> {
 struct Gateway {
     child: Child,
     base: String,
+    /// The observability listener (`/metrics`).
+    ops: String,
 }
 
 impl Gateway {
     async fn start(bin: &str, data: &std::path::Path, port: u16, backend: &Backend) -> Self {
         let mut command = Command::new(bin);
+        let ops = format!("127.0.0.1:{}", free_port());
         if let Backend::Postgres { url, .. } = backend {
             command
                 .env("KAS_GATEWAY_DATABASE_URL", url)
@@ -189,7 +196,7 @@ impl Gateway {
             .arg("serve")
             .env("KAS_GATEWAY_DATA_DIR", data)
             .env("KAS_GATEWAY_LISTEN", format!("127.0.0.1:{port}"))
-            .env("KAS_GATEWAY_OBSERVABILITY_LISTEN", "127.0.0.1:0")
+            .env("KAS_GATEWAY_OBSERVABILITY_LISTEN", &ops)
             .env("KAS_GATEWAY_BOOTSTRAP_TOKEN", TOKEN)
             .env("KAS_GATEWAY_LOG_LEVEL", "warn")
             .stdout(Stdio::null())
@@ -210,7 +217,37 @@ impl Gateway {
             assert!(Instant::now() < deadline, "gateway not ready");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        Self { child, base }
+        Self {
+            child,
+            base,
+            ops: format!("http://{ops}"),
+        }
+    }
+
+    /// The dialer's counters from `/metrics`: attempts, sessions established, and the
+    /// failures by cause (only the causes seen).
+    async fn dial_counters(&self) -> String {
+        let text = reqwest::get(format!("{}/metrics", self.ops))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let value = |line: &str| line.rsplit(' ').next().unwrap_or("0").to_owned();
+        let mut out = Vec::new();
+        for line in text.lines() {
+            if line.starts_with("kas_gateway_dial_attempts_total ") {
+                out.push(format!("{} attempts", value(line)));
+            } else if line.starts_with("kas_gateway_sessions_established_total ") {
+                out.push(format!("{} established", value(line)));
+            } else if let Some(rest) = line.strip_prefix("kas_gateway_dial_failures_total{cause=\"")
+                && value(line) != "0"
+            {
+                let cause = rest.split('"').next().unwrap_or("?");
+                out.push(format!("{} failed ({cause})", value(line)));
+            }
+        }
+        out.join(", ")
     }
 
     fn pid(&self) -> u32 {
@@ -464,6 +501,7 @@ async fn main() {
     let cold_start_cpu = cpu_ticks(gateway.pid()) as f64 / 100.0;
     let sims_cpu = sims.iter().map(|s| cpu_ticks(s.child.id())).sum::<u64>() as f64 / 100.0;
     let load_connected = load_average();
+    let dials = gateway.dial_counters().await;
 
     tokio::time::sleep(Duration::from_secs(3)).await;
     let connected_kib = rss_kib(gateway.pid());
@@ -503,6 +541,7 @@ async fn main() {
     println!(
         "CPU until all connected          gateway {cold_start_cpu:.2} s, agent processes {sims_cpu:.2} s"
     );
+    println!("dials until all connected        {dials}");
     println!(
         "raw TLS, same count, same run    {:.2} s ({handshakes:.0} handshakes/s; loopback, ECDSA P-256, 2 at a time)",
         raw.as_secs_f64()

@@ -499,6 +499,89 @@ async fn agent_token_use_batcher(#[values(Backend::Sqlite, Backend::Postgres)] b
     assert_eq!(last_used(ids[1]).await, Some(at(3_000)));
 }
 
+/// Agent tokens come back by digest, many in one read, whatever their status; digests of no
+/// token are left out.
+#[rstest]
+#[tokio::test]
+async fn agent_tokens_by_digests_in_one_read(
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+) {
+    let s = subject!(backend);
+    let (_, agent) = project_with_agent(&s.store).await;
+    let ids = agent_tokens(&s.store, agent, "d", 2).await;
+    assert!(s.store.revoke_agent_token(agent, ids[1]).await.unwrap());
+    let digests = [
+        TokenDigest::of("d0"),
+        TokenDigest::of("nobody's"),
+        TokenDigest::of("d1"),
+    ];
+    let mut found = s.store.agent_tokens_by_digests(&digests).await.unwrap();
+    found.sort_by_key(|(_, token)| token.id);
+    let found: Vec<(TokenDigest, i64, bool)> = found
+        .into_iter()
+        .map(|(digest, token)| {
+            (
+                digest,
+                token.id,
+                token.status == kas_gateway::domain::TokenStatus::Active,
+            )
+        })
+        .collect();
+    assert_eq!(
+        found,
+        vec![
+            (TokenDigest::of("d0"), ids[0], true),
+            (TokenDigest::of("d1"), ids[1], false),
+        ]
+    );
+    assert!(
+        s.store
+            .agent_tokens_by_digests(&[])
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+/// Token lookups that arrive together are read together: 500 at once (found, missing, and
+/// the same token twice) take one statement, and each gets its own answer; a lone lookup
+/// later is read at once, by itself.
+#[rstest]
+#[tokio::test]
+async fn token_lookups_read_together(
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+) {
+    use kas_gateway::domain::token_lookups::TokenLookups;
+    let s = subject!(backend);
+    let (_, agent) = project_with_agent(&s.store).await;
+    let ids = agent_tokens(&s.store, agent, "l", 2).await;
+    let lookups = TokenLookups::new(Arc::clone(&s.store));
+    let secrets: Vec<String> = (0..500)
+        .map(|i| match i % 5 {
+            0 | 1 => "l0".to_owned(),
+            2 => "l1".to_owned(),
+            _ => format!("missing {i}"),
+        })
+        .collect();
+    let answers = futures::future::join_all(secrets.iter().map(|secret| {
+        let lookups = lookups.clone();
+        async move { lookups.by_digest(TokenDigest::of(secret)).await.unwrap() }
+    }))
+    .await;
+    for (secret, answer) in secrets.iter().zip(&answers) {
+        let expected = match secret.as_str() {
+            "l0" => Some(ids[0]),
+            "l1" => Some(ids[1]),
+            _ => None,
+        };
+        assert_eq!(answer.as_ref().map(|t| t.id), expected, "{secret}");
+    }
+    assert_eq!(lookups.reads(), 1);
+    let one = lookups.by_digest(TokenDigest::of("l1")).await.unwrap();
+    assert_eq!(one.map(|t| t.id), Some(ids[1]));
+    assert_eq!(lookups.reads(), 2);
+}
+
 /// The sealed secrets of many URL configurations come back in one read, each from its own
 /// column and row; ids without a configuration are left out.
 #[rstest]

@@ -97,6 +97,11 @@ impl TokenDigest {
     pub fn as_bytes(&self) -> &[u8] {
         &self.0
     }
+
+    /// A digest as the store keeps it (its bytes).
+    pub fn from_stored(bytes: Vec<u8>) -> Self {
+        Self(bytes)
+    }
 }
 
 impl fmt::Debug for TokenDigest {

@@ -6,6 +6,7 @@ pub mod last_used;
 mod model;
 mod service;
 mod sessions;
+pub mod token_lookups;
 pub mod validate;
 
 pub use crate::store::{TokenFilter, UserFilter, UserOrder};

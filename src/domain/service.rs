@@ -14,6 +14,7 @@ use tokio::sync::Notify;
 
 use super::last_used::LastUsed;
 use super::sessions::{Connection, NoSessions, Sessions};
+use super::token_lookups::TokenLookups;
 use crate::clock::SharedClock;
 use crate::crypto::envelope::Place;
 use crate::crypto::keys::Secrets;
@@ -238,6 +239,7 @@ pub struct Service {
     changed: Arc<Notify>,
     rebalance: Arc<Notify>,
     last_used: LastUsed,
+    token_lookups: TokenLookups,
 }
 
 impl std::fmt::Debug for Service {
@@ -258,6 +260,7 @@ impl Service {
     ) -> Self {
         Self {
             last_used: LastUsed::new(Arc::clone(&store)),
+            token_lookups: TokenLookups::new(Arc::clone(&store)),
             store,
             clock,
             rng: Arc::new(crypto::system_random()),
@@ -328,16 +331,14 @@ impl Service {
 
     /// Checks the token an agent presents after the gateway dialled `agent_id`; success
     /// records its use (at most once a minute per token), written in the background within
-    /// about a second together with other agents' (see [`super::last_used`]).
+    /// about a second together with other agents' (see [`super::last_used`]). Checks that
+    /// arrive together are read together (see [`super::token_lookups`]).
     pub async fn authenticate_agent(
         &self,
         agent_id: Id,
         token: &str,
     ) -> Result<std::result::Result<AgentToken, AgentRefusal>> {
-        let found = self
-            .store
-            .agent_token_by_digest(&TokenDigest::of(token))
-            .await?;
+        let found = self.token_lookups.by_digest(TokenDigest::of(token)).await?;
         let token = match found {
             Some(token) if token.status == TokenStatus::Active => token,
             _ => return Ok(Err(AgentRefusal::InvalidToken)),

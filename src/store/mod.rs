@@ -412,8 +412,12 @@ pub trait Store: Send + Sync + 'static {
     /// Every agent with a URL configuration, with its project's path, by project path and
     /// agent name.
     async fn receptive_agents(&self) -> Result<Vec<crate::domain::ReceptiveAgent>>;
-    /// The agent token with this digest, whatever its status.
-    async fn agent_token_by_digest(&self, digest: &TokenDigest) -> Result<Option<AgentToken>>;
+    /// The agent tokens with these digests, whatever their status, each with its digest, in
+    /// one statement (digests that match no token are left out).
+    async fn agent_tokens_by_digests(
+        &self,
+        digests: &[TokenDigest],
+    ) -> Result<Vec<(TokenDigest, AgentToken)>>;
     /// Records that a token authenticated an agent at `at`, unless it did so within the
     /// last minute (one write per token per minute at most).
     async fn touch_agent_token(&self, token_id: Id, at: Timestamp) -> Result<()>;

@@ -252,6 +252,34 @@ pub(crate) struct TokenRow {
     last_used_at: Option<i64>,
 }
 
+/// A token row with its digest, for lookups of many digests at once.
+#[derive(sqlx::FromRow)]
+pub(crate) struct DigestTokenRow {
+    token_digest: Vec<u8>,
+    #[sqlx(flatten)]
+    token: TokenRow,
+}
+
+impl DigestTokenRow {
+    pub(crate) fn into_pair(self) -> Result<(TokenDigest, AgentToken)> {
+        Ok((
+            TokenDigest::from_stored(self.token_digest),
+            AgentToken::try_from(self.token)?,
+        ))
+    }
+}
+
+/// Lower-case hexadecimal, as the databases' `unhex` and `decode(…, 'hex')` read it.
+pub(crate) fn to_hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut out, b| {
+            let _ = write!(out, "{b:02x}");
+            out
+        })
+}
+
 impl TryFrom<TokenRow> for AgentToken {
     type Error = Error;
 
@@ -1367,16 +1395,21 @@ macro_rules! sql_store {
                     .collect())
             }
 
-            async fn agent_token_by_digest(
+            async fn agent_tokens_by_digests(
                 &self,
-                digest: &TokenDigest,
-            ) -> Result<Option<AgentToken>> {
-                let row: Option<TokenRow> =
-                    sqlx::query_as(concat!(token_select!(), "WHERE token_digest = $1"))
-                        .bind(digest_bytes(digest))
-                        .fetch_optional(&self.pool)
-                        .await?;
-                row.map(AgentToken::try_from).transpose()
+                digests: &[TokenDigest],
+            ) -> Result<Vec<(TokenDigest, AgentToken)>> {
+                if digests.is_empty() {
+                    return Ok(Vec::new());
+                }
+                // One parameter whatever the number: a JSON array of hexadecimal digests.
+                let hex: Vec<String> = digests.iter().map(|d| to_hex(d.as_bytes())).collect();
+                let json = serde_json::to_string(&hex).map_err(Error::other)?;
+                let rows: Vec<DigestTokenRow> = sqlx::query_as(Self::AGENT_TOKENS_BY_DIGESTS)
+                    .bind(json)
+                    .fetch_all(&self.pool)
+                    .await?;
+                rows.into_iter().map(DigestTokenRow::into_pair).collect()
             }
 
             async fn touch_agent_token(&self, token_id: Id, at: Timestamp) -> Result<()> {

@@ -39,6 +39,11 @@ impl SqliteStore {
          JOIN json_each($1) AS e ON t.id = e.value \
          WHERE t.status = 'active'";
 
+    /// The agent tokens whose digests `$1` (a JSON array of hexadecimal strings) lists.
+    const AGENT_TOKENS_BY_DIGESTS: &'static str = "SELECT t.token_digest, t.id, t.agent_id, t.name, t.description, t.status, \
+         t.created_at, t.created_by_user_id, t.last_used_at FROM cluster_agent_tokens t \
+         JOIN json_each($1) AS e ON t.token_digest = unhex(e.value)";
+
     /// The sealed secrets of the configurations whose ids `$1` (a JSON array) lists.
     const URL_CONFIGURATION_SECRETS: &'static str = "SELECT c.id, c.private_key, c.client_key FROM agent_url_configurations c \
          JOIN json_each($1) AS e ON c.id = e.value";
