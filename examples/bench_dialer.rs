@@ -286,6 +286,22 @@ fn cpu_ticks(pid: u32) -> u64 {
     utime + stime
 }
 
+/// CPU ticks of every PostgreSQL server process on this machine (0 without any).
+fn postgres_ticks() -> u64 {
+    std::fs::read_dir("/proc")
+        .map(|dir| {
+            dir.filter_map(Result::ok)
+                .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+                .filter(|pid| {
+                    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                        .is_ok_and(|comm| comm.trim() == "postgres")
+                })
+                .map(cpu_ticks)
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -473,6 +489,7 @@ async fn main() {
     tokio::time::sleep(Duration::from_secs(1)).await;
 
     // A cold start: time until every agent has an accepted session.
+    let postgres_before = postgres_ticks();
     let started = Instant::now();
     let gateway = Gateway::start(&bin, dir.path(), port, &backend).await;
     let ready = started.elapsed();
@@ -500,6 +517,8 @@ async fn main() {
     let all_connected = started.elapsed();
     let cold_start_cpu = cpu_ticks(gateway.pid()) as f64 / 100.0;
     let sims_cpu = sims.iter().map(|s| cpu_ticks(s.child.id())).sum::<u64>() as f64 / 100.0;
+    // The server's processes that were there before (its own and the pool's connections).
+    let postgres_cpu = postgres_ticks().saturating_sub(postgres_before) as f64 / 100.0;
     let load_connected = load_average();
     let dials = gateway.dial_counters().await;
 
@@ -523,8 +542,11 @@ async fn main() {
     // quiet as this benchmark can make it.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let raw_started = Instant::now();
+    let raw_ticks = cpu_ticks(std::process::id());
     let handshakes = tls_handshakes_per_second(&ca_pem, &server.cert, &server.key, agents, 2).await;
     let raw = raw_started.elapsed();
+    // Both ends of every handshake ran in this process.
+    let raw_cpu = cpu_ticks(std::process::id()).saturating_sub(raw_ticks) as f64 / 100.0;
     let cpu_seconds = ticks as f64 / 100.0;
     println!(
         "agents                           {agents} ({processes} agent processes), {}",
@@ -539,12 +561,23 @@ async fn main() {
         half.unwrap_or_default().as_secs_f64(),
     );
     println!(
-        "CPU until all connected          gateway {cold_start_cpu:.2} s, agent processes {sims_cpu:.2} s"
+        "CPU until all connected          gateway {cold_start_cpu:.2} s, agent processes {sims_cpu:.2} s{}",
+        match backend {
+            Backend::Postgres { .. } => format!(", PostgreSQL {postgres_cpu:.2} s"),
+            Backend::Sqlite => String::new(),
+        }
     );
     println!("dials until all connected        {dials}");
     println!(
         "raw TLS, same count, same run    {:.2} s ({handshakes:.0} handshakes/s; loopback, ECDSA P-256, 2 at a time)",
         raw.as_secs_f64()
+    );
+    let per = |seconds: f64| seconds * 1e6 / agents as f64;
+    println!(
+        "CPU per session / handshake      gateway {:.0} us, agents {:.0} us; raw TLS {:.0} us (client and server)",
+        per(cold_start_cpu),
+        per(sims_cpu),
+        per(raw_cpu)
     );
     println!(
         "connected / raw TLS              {:.2}x",
