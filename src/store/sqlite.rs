@@ -117,3 +117,36 @@ fn create_private_file(options: &SqliteConnectOptions, url: &str) -> anyhow::Res
         Err(e) => Err(anyhow::Error::new(e).context(format!("creating {}", path.display()))),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::store::Store;
+
+    /// The batched token lookup finds each digest through the unique index on
+    /// `token_digest`, never by scanning the tokens.
+    #[tokio::test]
+    async fn token_lookups_use_the_digest_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("t.db").display());
+        let store = SqliteStore::connect(&url, 1).await.unwrap();
+        store.migrate().await.unwrap();
+        let plan: Vec<(i64, i64, i64, String)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "EXPLAIN QUERY PLAN {}",
+            SqliteStore::AGENT_TOKENS_BY_DIGESTS
+        )))
+        .bind("[\"00\"]")
+        .fetch_all(&store.pool)
+        .await
+        .unwrap();
+        let steps: Vec<&str> = plan.iter().map(|(_, _, _, step)| step.as_str()).collect();
+        assert!(
+            steps
+                .iter()
+                .any(|s| s.starts_with("SEARCH t USING INDEX") && s.contains("token_digest")),
+            "{steps:?}"
+        );
+        assert!(!steps.iter().any(|s| s.starts_with("SCAN t")), "{steps:?}");
+    }
+}
