@@ -11,6 +11,8 @@
 //!
 //!   scripts/bench-cluster [AGENTS]        (builds in release mode and runs this)
 
+mod common;
+
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -19,6 +21,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
+use common::{env_or, free_port, load_average};
 use futures::StreamExt;
 use kas_gateway::agent_sim::{AgentSim, AgentSimConfig, SimEvents};
 use kas_gateway::certs::DevCa;
@@ -128,40 +131,14 @@ impl Replica {
 
     /// SIGTERM, then waits for the exit (SIGKILL after 30 s).
     fn stop(mut self) -> Result<()> {
-        Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()?;
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while self.child.try_wait()?.is_none() {
-            if Instant::now() >= deadline {
-                self.child.kill()?;
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Ok(())
+        common::stop(&mut self.child)
     }
 }
 
 impl Drop for Replica {
     fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = self.child.kill();
-        }
-        let _ = self.child.wait();
+        common::reap(&mut self.child);
     }
-}
-
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_else(|_| "?".into())
 }
 
 async fn post(client: &reqwest::Client, base: &str, path: &str, body: Value) -> Result<Value> {
@@ -1006,15 +983,6 @@ fn copy_logs(root: &Path, name: &str) -> Result<std::path::PathBuf> {
         }
     }
     Ok(kept)
-}
-
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> Result<T> {
-    match std::env::var(name) {
-        Ok(value) => value
-            .parse()
-            .map_err(|_| anyhow!("{name}={value:?} is not valid")),
-        Err(_) => Ok(default),
-    }
 }
 
 fn summary(outcomes: &[Outcome]) {

@@ -12,6 +12,8 @@
 //! tried, 10000), GATEWAY_BIN, SIM_BIN (the binary running the agents; GATEWAY_BIN by default).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod common;
+
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -22,6 +24,8 @@ use futures::StreamExt;
 use kas_gateway::certs::DevCa;
 use serde_json::{Value, json};
 use tokio::net::{TcpListener, TcpStream};
+
+use common::{cpu_time, free_port, load_average, rss_kib};
 
 const TOKEN: &str = "glpat-benchmark-root-token-00000000";
 /// A gateway on PostgreSQL must be given its encryption keys (any fixed key does here).
@@ -154,10 +158,7 @@ impl SimProcess {
     }
 
     fn stop(mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        let _ = self.child.wait();
+        let _ = common::stop(&mut self.child);
     }
 }
 
@@ -186,7 +187,7 @@ struct Gateway {
 impl Gateway {
     async fn start(bin: &str, data: &std::path::Path, port: u16, backend: &Backend) -> Self {
         let mut command = Command::new(bin);
-        let ops = format!("127.0.0.1:{}", free_port());
+        let ops = format!("127.0.0.1:{}", free_port().unwrap());
         if let Backend::Postgres { url, .. } = backend {
             command
                 .env("KAS_GATEWAY_DATABASE_URL", url)
@@ -255,39 +256,12 @@ impl Gateway {
     }
 
     fn stop(mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        let _ = self.child.wait();
+        let _ = common::stop(&mut self.child);
     }
 }
 
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
-
-fn cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> = stat
-        .rsplit(')')
-        .next()
-        .unwrap_or("")
-        .split_whitespace()
-        .collect();
-    // utime and stime are fields 14 and 15; after the ')' they are at 11 and 12.
-    let utime: u64 = fields.get(11).and_then(|v| v.parse().ok()).unwrap_or(0);
-    let stime: u64 = fields.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
-    utime + stime
-}
-
-/// CPU ticks of every PostgreSQL server process on this machine (0 without any).
-fn postgres_ticks() -> u64 {
+/// CPU time of every PostgreSQL server process on this machine (zero without any).
+fn postgres_cpu_time() -> Duration {
     std::fs::read_dir("/proc")
         .map(|dir| {
             dir.filter_map(Result::ok)
@@ -296,18 +270,10 @@ fn postgres_ticks() -> u64 {
                     std::fs::read_to_string(format!("/proc/{pid}/comm"))
                         .is_ok_and(|comm| comm.trim() == "postgres")
                 })
-                .map(cpu_ticks)
+                .map(cpu_time)
                 .sum()
         })
-        .unwrap_or(0)
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+        .unwrap_or_default()
 }
 
 async fn post(client: &reqwest::Client, base: &str, path: &str, body: Value) -> Value {
@@ -428,7 +394,7 @@ async fn main() {
     let client = reqwest::Client::new();
 
     // Setup with a first gateway: baseline memory, then every agent, token and configuration.
-    let port = free_port();
+    let port = free_port().unwrap();
     let setup = Gateway::start(&bin, dir.path(), port, &backend).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let baseline_kib = rss_kib(setup.pid());
@@ -489,7 +455,7 @@ async fn main() {
     tokio::time::sleep(Duration::from_secs(1)).await;
 
     // A cold start: time until every agent has an accepted session.
-    let postgres_before = postgres_ticks();
+    let postgres_before = postgres_cpu_time();
     let started = Instant::now();
     let gateway = Gateway::start(&bin, dir.path(), port, &backend).await;
     let ready = started.elapsed();
@@ -515,19 +481,25 @@ async fn main() {
     }
     // The status lines come every 20 ms: at most that late.
     let all_connected = started.elapsed();
-    let cold_start_cpu = cpu_ticks(gateway.pid()) as f64 / 100.0;
-    let sims_cpu = sims.iter().map(|s| cpu_ticks(s.child.id())).sum::<u64>() as f64 / 100.0;
+    let cold_start_cpu = cpu_time(gateway.pid()).as_secs_f64();
+    let sims_cpu = sims
+        .iter()
+        .map(|s| cpu_time(s.child.id()))
+        .sum::<Duration>()
+        .as_secs_f64();
     // The server's processes that were there before (its own and the pool's connections).
-    let postgres_cpu = postgres_ticks().saturating_sub(postgres_before) as f64 / 100.0;
+    let postgres_cpu = postgres_cpu_time()
+        .saturating_sub(postgres_before)
+        .as_secs_f64();
     let load_connected = load_average();
     let dials = gateway.dial_counters().await;
 
     tokio::time::sleep(Duration::from_secs(3)).await;
     let connected_kib = rss_kib(gateway.pid());
     let pongs_before = sum(&sims, |s| &s.pongs);
-    let ticks_before = cpu_ticks(gateway.pid());
+    let idle_before = cpu_time(gateway.pid());
     tokio::time::sleep(Duration::from_secs(idle_secs)).await;
-    let ticks = cpu_ticks(gateway.pid()) - ticks_before;
+    let idle_cpu = cpu_time(gateway.pid()).saturating_sub(idle_before);
     let pongs = sum(&sims, |s| &s.pongs) - pongs_before;
     let still_open = sum(&sims, |s| &s.open_sessions);
     let load_idle = load_average();
@@ -542,12 +514,14 @@ async fn main() {
     // quiet as this benchmark can make it.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let raw_started = Instant::now();
-    let raw_ticks = cpu_ticks(std::process::id());
+    let raw_before = cpu_time(std::process::id());
     let handshakes = tls_handshakes_per_second(&ca_pem, &server.cert, &server.key, agents, 2).await;
     let raw = raw_started.elapsed();
     // Both ends of every handshake ran in this process.
-    let raw_cpu = cpu_ticks(std::process::id()).saturating_sub(raw_ticks) as f64 / 100.0;
-    let cpu_seconds = ticks as f64 / 100.0;
+    let raw_cpu = cpu_time(std::process::id())
+        .saturating_sub(raw_before)
+        .as_secs_f64();
+    let cpu_seconds = idle_cpu.as_secs_f64();
     println!(
         "agents                           {agents} ({processes} agent processes), {}",
         backend.name()
@@ -610,13 +584,4 @@ async fn main() {
     println!(
         "load average                     {load_connected} (all connected), {load_idle} (after idle)"
     );
-}
-
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .unwrap_or_default()
-        .split_whitespace()
-        .take(3)
-        .collect::<Vec<_>>()
-        .join(" ")
 }

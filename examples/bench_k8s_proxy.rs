@@ -25,6 +25,8 @@
 //! (info: the access log and the proxy's audit line, as in production), SKIP (comma-separated
 //! parts to leave out: latency, big, watches).
 
+mod common;
+
 use std::collections::HashSet;
 use std::convert::Infallible;
 use std::path::{Path, PathBuf};
@@ -38,6 +40,7 @@ use axum::body::Body;
 use axum::extract::{Query, State};
 use axum::routing::get;
 use bytes::Bytes;
+use common::{cpu_time, env_or, free_port, load_average, rss_kib, status_kib};
 use futures::StreamExt;
 use http::{HeaderMap, HeaderValue, StatusCode};
 use hyper_util::client::legacy::Client;
@@ -250,27 +253,13 @@ impl Process {
 
     /// SIGTERM, then waits for the exit (SIGKILL after 30 s).
     fn stop(mut self) -> Result<()> {
-        Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()?;
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while self.child.try_wait()?.is_none() {
-            if Instant::now() >= deadline {
-                self.child.kill()?;
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Ok(())
+        common::stop(&mut self.child)
     }
 }
 
 impl Drop for Process {
     fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = self.child.kill();
-        }
-        let _ = self.child.wait();
+        common::reap(&mut self.child);
     }
 }
 
@@ -368,44 +357,6 @@ fn start_agent_process(
     Ok(Process { child, log })
 }
 
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
-/// A field of `/proc/PID/status` in KiB (`VmRSS:`, `VmHWM:`).
-fn status_kib(pid: u32, field: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|status| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix(field))
-                .and_then(|v| v.split_whitespace().next())
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    status_kib(pid, "VmRSS:")
-}
-
-/// User and system CPU time of a process so far (USER_HZ is 100 on Linux).
-fn cpu_time(pid: u32) -> Duration {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> = stat
-        .rsplit(')')
-        .next()
-        .unwrap_or("")
-        .split_whitespace()
-        .collect();
-    // utime and stime are fields 14 and 15; after the ')' they are at 11 and 12.
-    let ticks = |i: usize| -> u64 { fields.get(i).and_then(|v| v.parse().ok()).unwrap_or(0) };
-    Duration::from_millis((ticks(11) + ticks(12)) * 10)
-}
-
 fn open_files(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, Iterator::count)
 }
@@ -414,12 +365,6 @@ fn open_files(pid: u32) -> usize {
 /// kernel does not allow it.
 fn reset_peak(pid: u32) -> bool {
     std::fs::write(format!("/proc/{pid}/clear_refs"), "5").is_ok()
-}
-
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_else(|_| "?".into())
 }
 
 /// Lines of a gateway's log that are warnings or errors, and audit lines of proxied requests.
@@ -1423,15 +1368,6 @@ fn print_watches(w: &WatchResult) {
         for line in w.warnings.iter().take(3) {
             println!("     {line}");
         }
-    }
-}
-
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> Result<T> {
-    match std::env::var(name) {
-        Ok(value) => value
-            .parse()
-            .map_err(|_| anyhow!("{name}={value}: not a valid value")),
-        Err(_) => Ok(default),
     }
 }
 

@@ -582,6 +582,35 @@ async fn token_lookups_read_together(
     assert_eq!(lookups.reads(), 2);
 }
 
+/// When the store cannot answer, every check of the batch gets the error (the database's
+/// absence, never a refusal of the token) and none waits for ever.
+#[rstest]
+#[tokio::test]
+async fn token_lookups_answer_every_check_when_the_store_fails(
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+) {
+    use kas_gateway::domain::token_lookups::TokenLookups;
+    let s = subject!(backend);
+    let lookups = TokenLookups::new(Arc::clone(&s.store));
+    s.store.close().await;
+    let answers = tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        futures::future::join_all((0..50).map(|i| {
+            let lookups = lookups.clone();
+            async move { lookups.by_digest(TokenDigest::of(&format!("t{i}"))).await }
+        })),
+    )
+    .await
+    .expect("every check answered");
+    for answer in answers {
+        assert!(
+            matches!(answer, Err(kas_gateway::domain::Error::Unavailable(_))),
+            "{answer:?}"
+        );
+    }
+    assert_eq!(lookups.reads(), 1);
+}
+
 /// The sealed secrets of many URL configurations come back in one read, each from its own
 /// column and row; ids without a configuration are left out.
 #[rstest]

@@ -185,7 +185,7 @@ fn new_incarnation() -> String {
     use ring::rand::SecureRandom;
     let mut bytes = [0u8; 8];
     let _ = ring::rand::SystemRandom::new().fill(&mut bytes);
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    crate::crypto::to_hex(&bytes)
 }
 
 /// `ceil(agents / replicas)`, at least 1 replica.

@@ -110,6 +110,17 @@ impl fmt::Debug for TokenDigest {
     }
 }
 
+/// Lower-case hexadecimal (as the databases' `unhex` and `decode(…, 'hex')` read it).
+pub fn to_hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut out, b| {
+            let _ = write!(out, "{b:02x}");
+            out
+        })
+}
+
 /// `len` random characters from the URL-safe alphabet (6 bits each, no bias).
 pub fn random_url_safe(rng: &dyn SecureRandom, len: usize) -> Result<String> {
     let mut bytes = vec![0u8; len];

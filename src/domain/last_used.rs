@@ -96,11 +96,12 @@ impl LastUsed {
     }
 }
 
-fn lock(pending: &Mutex<Pending>) -> std::sync::MutexGuard<'_, Pending> {
-    match pending.lock() {
-        Ok(guard) => guard,
-        Err(poisoned) => poisoned.into_inner(),
-    }
+/// Locks `mutex`, also after a panic elsewhere poisoned it (what it guards stays usable:
+/// every change to it is complete before the lock is released).
+pub(super) fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Takes every pending use; with `last`, also marks the writer as ended when there is none.

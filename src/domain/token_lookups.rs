@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::oneshot;
 
 use super::error::{Error, Result};
+use super::last_used::lock;
 use super::model::AgentToken;
 use crate::crypto::TokenDigest;
 use crate::store::SharedStore;
@@ -142,10 +143,4 @@ impl Drop for Reading<'_> {
             queue.waiting.clear();
         }
     }
-}
-
-fn lock(queue: &Mutex<Queue>) -> std::sync::MutexGuard<'_, Queue> {
-    queue
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }

@@ -269,17 +269,6 @@ impl DigestTokenRow {
     }
 }
 
-/// Lower-case hexadecimal, as the databases' `unhex` and `decode(…, 'hex')` read it.
-pub(crate) fn to_hex(bytes: &[u8]) -> String {
-    use std::fmt::Write;
-    bytes
-        .iter()
-        .fold(String::with_capacity(bytes.len() * 2), |mut out, b| {
-            let _ = write!(out, "{b:02x}");
-            out
-        })
-}
-
 impl TryFrom<TokenRow> for AgentToken {
     type Error = Error;
 
@@ -1403,7 +1392,8 @@ macro_rules! sql_store {
                     return Ok(Vec::new());
                 }
                 // One parameter whatever the number: a JSON array of hexadecimal digests.
-                let hex: Vec<String> = digests.iter().map(|d| to_hex(d.as_bytes())).collect();
+                let hex: Vec<String> =
+                    digests.iter().map(|d| crate::crypto::to_hex(d.as_bytes())).collect();
                 let json = serde_json::to_string(&hex).map_err(Error::other)?;
                 let rows: Vec<DigestTokenRow> = sqlx::query_as(Self::AGENT_TOKENS_BY_DIGESTS)
                     .bind(json)
