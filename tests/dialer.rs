@@ -1044,3 +1044,92 @@ async fn one_bad_secret_fails_only_its_agent(
         sim.stop().await;
     }
 }
+
+/// Forwards TCP to `to` until frozen; frozen, it reads and writes nothing more but keeps every
+/// connection open: an agent whose network went away without a word.
+async fn freezable_proxy(to: std::net::SocketAddr) -> (u16, Arc<std::sync::atomic::AtomicBool>) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let frozen = Arc::new(AtomicBool::new(false));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let flag = Arc::clone(&frozen);
+    tokio::spawn(async move {
+        while let Ok((inbound, _)) = listener.accept().await {
+            let outbound = tokio::net::TcpStream::connect(to).await.unwrap();
+            let (in_read, in_write) = inbound.into_split();
+            let (out_read, out_write) = outbound.into_split();
+            for (mut from, mut into) in [(in_read, out_write), (out_read, in_write)] {
+                let frozen = Arc::clone(&flag);
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 16 * 1024];
+                    loop {
+                        while frozen.load(Ordering::SeqCst) {
+                            tokio::time::sleep(Duration::from_millis(10)).await;
+                        }
+                        match from.read(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => {
+                                while frozen.load(Ordering::SeqCst) {
+                                    tokio::time::sleep(Duration::from_millis(10)).await;
+                                }
+                                if into.write_all(&buf[..n]).await.is_err() {
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                    // Frozen connections stay open: only a closed side ends them.
+                    let _ = into.shutdown().await;
+                });
+            }
+        }
+    });
+    (port, frozen)
+}
+
+/// The HTTP/2 keepalive is armed when it would notice a dead connection before the heartbeats
+/// do: with heartbeats a minute apart, an agent whose network goes silent is dropped after the
+/// keepalive's interval and timeout (1 s each here), not after minutes.
+#[rstest]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keepalive_drops_a_silent_connection_before_slow_heartbeats(
+    #[values(Backend::Sqlite)] backend: Backend,
+) {
+    let Some(gw) = Gateway::start_with(backend, |config| {
+        config.dialer.backoff.base = Duration::from_secs(30);
+        config.dialer.heartbeat_interval = Duration::from_secs(60);
+        config.dialer.keepalive = Duration::from_secs(1);
+        config.dialer.keepalive_timeout = Duration::from_secs(1);
+    })
+    .await
+    else {
+        return;
+    };
+    let (project, agent, token) = new_agent(&gw, "agent").await;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let sim_addr = listener.local_addr().unwrap();
+    let sim = AgentSim::start(sim_config(&gw, &token), listener).unwrap();
+    let (port, frozen) = freezable_proxy(sim_addr).await;
+    configure(
+        &gw,
+        project,
+        agent,
+        json!({"url": format!("grpc://127.0.0.1:{port}")}),
+    )
+    .await;
+    wait_for(&gw, project, agent, is("connected")).await;
+    // Pings on an idle connection are answered while the network is there.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(connection(&gw, project, agent).await["state"], "connected");
+    frozen.store(true, std::sync::atomic::Ordering::SeqCst);
+    let silent_since = Instant::now();
+    let state = wait_for(&gw, project, agent, is("backing_off")).await;
+    let after = silent_since.elapsed();
+    assert!(
+        after < Duration::from_secs(6),
+        "dropped after {after:?}: {state}"
+    );
+    assert!(state["last_error"].is_string(), "{state}");
+    sim.stop().await;
+}

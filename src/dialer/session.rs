@@ -74,7 +74,7 @@ pub async fn run(
     tokio::select! {
         biased;
         () = cancel.cancelled() => Err(DialError::transient("the gateway hung up")),
-        outcome = attempt(port, registry, config, credentials, dialing, requests, cancel) => outcome,
+        outcome = attempt(port, registry, config, credentials, dialing, requests) => outcome,
     }
 }
 
@@ -144,7 +144,6 @@ async fn attempt(
     credentials: Option<crate::domain::Result<DialCredentials>>,
     dialing: &Dialing,
     requests: &mut mpsc::Receiver<SessionRequest>,
-    cancel: &CancellationToken,
 ) -> Result<Ended, DialError> {
     let settings = &dialing.settings;
     let target = Target::parse(&config.url, config.tls_host.as_deref())?;
@@ -222,10 +221,13 @@ async fn attempt(
         .timer(TokioTimer::new())
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(connection_window(settings.max_tunnel_streams))
-        .max_send_buf_size(MAX_SEND_BUFFER)
-        .keep_alive_interval(settings.keepalive)
-        .keep_alive_timeout(settings.keepalive_timeout)
-        .keep_alive_while_idle(true);
+        .max_send_buf_size(MAX_SEND_BUFFER);
+    if keepalive_can_end_first(settings) {
+        http2
+            .keep_alive_interval(settings.keepalive)
+            .keep_alive_timeout(settings.keepalive_timeout)
+            .keep_alive_while_idle(true);
+    }
     let (sender, connection) = tokio::time::timeout(
         settings.connect_timeout,
         http2.handshake::<_, tonic::body::Body>(TokioIo::new(io)),
@@ -389,8 +391,6 @@ async fn attempt(
     );
     // Skipping keeps the ticks on the shared grid.
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    let cancelled = cancel.cancelled();
-    tokio::pin!(cancelled);
     let mut pending: std::collections::HashMap<u64, oneshot::Sender<pb::Response>> =
         std::collections::HashMap::new();
     let mut next_request = 1u64;
@@ -400,9 +400,9 @@ async fn attempt(
             up_for: up.elapsed(),
         })
     };
+    // Cancellation is watched by `run`, around this whole attempt: once per wake-up.
     loop {
         tokio::select! {
-            () = &mut cancelled => return ended(None),
             _ = heartbeat.tick() => {
                 if last_pong.elapsed() > settings.heartbeat_interval * settings.heartbeat_misses {
                     return ended(Some(DialError::transient(format!(
@@ -416,7 +416,9 @@ async fn attempt(
                 let ping = pb::GatewayMessage {
                     message: Some(pb::gateway_message::Message::Ping(pb::Ping { nonce: sent })),
                 };
-                if outbound.send(ping).await.is_err() {
+                // A full queue means the agent has stopped taking what is sent: this ping
+                // counts as missed, and the loop goes on watching (never waits on the agent).
+                if let Err(mpsc::error::TrySendError::Closed(_)) = outbound.try_send(ping) {
                     return ended(Some(DialError::transient("the session closed")));
                 }
             }
@@ -427,8 +429,15 @@ async fn attempt(
                 let message = pb::GatewayMessage {
                     message: Some(pb::gateway_message::Message::Request(request)),
                 };
-                if outbound.send(message).await.is_err() {
-                    return ended(Some(DialError::transient("the session closed")));
+                // An agent that takes nothing for a whole heartbeat interval is as good as
+                // silent: waiting longer would also hold up the heartbeats' check.
+                match tokio::time::timeout(settings.heartbeat_interval, outbound.send(message)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(_)) => return ended(Some(DialError::transient("the session closed"))),
+                    Err(_) => return ended(Some(DialError::transient(format!(
+                        "the agent took no message for {} s",
+                        settings.heartbeat_interval.as_secs_f64()
+                    )).because(Cause::Heartbeat))),
                 }
             }
             message = inbound.message() => match message {
@@ -483,6 +492,23 @@ fn heartbeat_start(epoch: tokio::time::Instant, interval: Duration) -> tokio::ti
         .ok()
         .and_then(|next| epoch.checked_add(Duration::from_nanos(next)))
         .unwrap_or(now)
+}
+
+/// Whether HTTP/2 keepalive could end a dead connection before the heartbeats do. Both watch
+/// the same connection. hyper pings only after `keepalive` without reading anything from the
+/// agent, and gives up `keepalive_timeout` after that. The heartbeats give up at the first tick
+/// more than `heartbeat_misses` intervals after the last pong: at most `heartbeat_misses + 1`
+/// intervals after it. When they always give up first (the defaults: 60 s against 55 + 20 s),
+/// the keepalive is not armed. While pongs arrive it never pings anyway; it would only cost a
+/// timer per connection and a lock on every frame read.
+fn keepalive_can_end_first(settings: &super::DialerSettings) -> bool {
+    let heartbeats_give_up = settings
+        .heartbeat_interval
+        .saturating_mul(settings.heartbeat_misses.saturating_add(1));
+    settings
+        .keepalive
+        .saturating_add(settings.keepalive_timeout)
+        < heartbeats_give_up
 }
 
 /// Sends a refusal and ends the gateway's side, then lets the agent read it (up to a second)
@@ -560,5 +586,34 @@ pub fn phase_after(error: &DialError) -> Phase {
         Phase::Failed
     } else {
         Phase::BackingOff
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dialer::DialerSettings;
+
+    #[test]
+    fn keepalive_is_armed_only_where_it_can_end_a_dead_connection_first() {
+        // The defaults: the heartbeats give up within 60 s, a keepalive ping could only time
+        // out after 75 s.
+        assert!(!keepalive_can_end_first(&DialerSettings::default()));
+        let slow_heartbeats = DialerSettings {
+            heartbeat_interval: Duration::from_secs(60),
+            ..DialerSettings::default()
+        };
+        assert!(keepalive_can_end_first(&slow_heartbeats));
+        let many_misses = DialerSettings {
+            heartbeat_misses: 5,
+            ..DialerSettings::default()
+        };
+        assert!(keepalive_can_end_first(&many_misses));
+        let fast_keepalive = DialerSettings {
+            keepalive: Duration::from_secs(20),
+            keepalive_timeout: Duration::from_secs(10),
+            ..DialerSettings::default()
+        };
+        assert!(keepalive_can_end_first(&fast_keepalive));
     }
 }
