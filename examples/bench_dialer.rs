@@ -94,6 +94,8 @@ struct SimProcess {
     child: Child,
     listening: Arc<AtomicU64>,
     accepted_agents: Arc<AtomicU64>,
+    /// Sessions accepted, every gateway's together.
+    accepted: Arc<AtomicU64>,
     open_sessions: Arc<AtomicU64>,
     pongs: Arc<AtomicU64>,
 }
@@ -133,11 +135,13 @@ impl SimProcess {
             listening: Arc::default(),
             accepted_agents: Arc::default(),
             open_sessions: Arc::default(),
+            accepted: Arc::default(),
             pongs: Arc::default(),
         };
-        let (listening, accepted, open, pongs) = (
+        let (listening, accepted, sessions, open, pongs) = (
             Arc::clone(&process.listening),
             Arc::clone(&process.accepted_agents),
+            Arc::clone(&process.accepted),
             Arc::clone(&process.open_sessions),
             Arc::clone(&process.pongs),
         );
@@ -150,6 +154,7 @@ impl SimProcess {
                 let read = |key: &str| status[key].as_u64().unwrap_or(0);
                 listening.store(read("listening"), Ordering::Relaxed);
                 accepted.store(read("accepted_agents"), Ordering::Relaxed);
+                sessions.store(read("accepted"), Ordering::Relaxed);
                 open.store(read("open_sessions"), Ordering::Relaxed);
                 pongs.store(read("pongs"), Ordering::Relaxed);
             }
@@ -442,17 +447,7 @@ async fn main() {
     setup.stop();
 
     // The agents, AGENTS_PER_PROCESS to a process.
-    let sims: Vec<SimProcess> = created
-        .chunks(per_process)
-        .enumerate()
-        .map(|(i, chunk)| SimProcess::start(&sim_bin, dir.path(), i, chunk))
-        .collect();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while sum(&sims, |s| &s.listening) < agents as u64 {
-        assert!(Instant::now() < deadline, "the agents did not start");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    let sims = start_sims(&sim_bin, dir.path(), &created, per_process).await;
 
     // A cold start: time until every agent has an accepted session.
     let postgres_before = postgres_cpu_time();
@@ -508,7 +503,6 @@ async fn main() {
     for sim in sims {
         sim.stop();
     }
-    backend.drop_database().await;
 
     // The same number of raw TLS handshakes, on the same certificates, on a machine as
     // quiet as this benchmark can make it.
@@ -521,6 +515,28 @@ async fn main() {
     let raw_cpu = cpu_time(std::process::id())
         .saturating_sub(raw_before)
         .as_secs_f64();
+    // Then, on request, a baseline build side by side with this one, against agents started
+    // again (they were stopped for the raw handshakes).
+    let side_by_side = match std::env::var("BASELINE_BIN") {
+        Ok(baseline) if !baseline.is_empty() => {
+            let sims = start_sims(&sim_bin, dir.path(), &created, per_process).await;
+            let rounds = side_by_side(
+                [bin.as_str(), baseline.as_str()],
+                &sims,
+                dir.path(),
+                &backend,
+                env("ROUNDS", 3),
+                env("ROUND_IDLE_SECONDS", 15),
+            )
+            .await;
+            for sim in sims {
+                sim.stop();
+            }
+            Some(rounds)
+        }
+        _ => None,
+    };
+    backend.drop_database().await;
     let cpu_seconds = idle_cpu.as_secs_f64();
     println!(
         "agents                           {agents} ({processes} agent processes), {}",
@@ -583,5 +599,159 @@ async fn main() {
     );
     println!(
         "load average                     {load_connected} (all connected), {load_idle} (after idle)"
+    );
+    if let Some(rounds) = side_by_side {
+        print_side_by_side(&rounds);
+    }
+}
+
+/// The agents, `per_process` to a process, once all of them listen.
+async fn start_sims(
+    sim_bin: &str,
+    dir: &std::path::Path,
+    created: &[(u16, String)],
+    per_process: usize,
+) -> Vec<SimProcess> {
+    let sims: Vec<SimProcess> = created
+        .chunks(per_process)
+        .enumerate()
+        .map(|(i, chunk)| SimProcess::start(sim_bin, dir, i, chunk))
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while sum(&sims, |s| &s.listening) < created.len() as u64 {
+        assert!(Instant::now() < deadline, "the agents did not start");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    sims
+}
+
+/// One gateway's cold start and idle window in a side-by-side round.
+#[derive(Clone, Copy, Default)]
+struct Round {
+    /// Gateway CPU per session until every agent was accepted.
+    cpu_per_session_us: f64,
+    /// Gateway CPU while idle, in % of a core.
+    idle_percent: f64,
+    /// Gateway CPU per heartbeat answered while idle.
+    idle_us_per_heartbeat: f64,
+}
+
+/// The gateway under test (`bins[0]`) and a baseline (`bins[1]`) at the same time, each on
+/// its own copy of the data, both dialling every agent (each agent holds two sessions), for
+/// `rounds` rounds of a cold start and an idle window. Both see the same machine at the same
+/// moment: this one runs, from one minute to the next, at speeds up to 1.6 times apart, so
+/// separate runs, even turns a few seconds apart, cannot tell changes of a few per cent.
+async fn side_by_side(
+    bins: [&str; 2],
+    sims: &[SimProcess],
+    data: &std::path::Path,
+    backend: &Backend,
+    rounds: u64,
+    idle_secs: u64,
+) -> Vec<[Round; 2]> {
+    assert!(
+        matches!(backend, Backend::Sqlite),
+        "BASELINE_BIN runs on SQLite: each build gets its own copy of the data directory"
+    );
+    let agents = sum(sims, |s| &s.listening);
+    let copies: Vec<tempfile::TempDir> = (0..2)
+        .map(|_| {
+            let copy = tempfile::tempdir().unwrap();
+            for entry in std::fs::read_dir(data).unwrap() {
+                let entry = entry.unwrap();
+                if entry.file_type().unwrap().is_file() {
+                    std::fs::copy(entry.path(), copy.path().join(entry.file_name())).unwrap();
+                }
+            }
+            copy
+        })
+        .collect();
+    let mut results = Vec::new();
+    for round in 0..rounds {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while sum(sims, |s| &s.open_sessions) > 0 {
+            assert!(Instant::now() < deadline, "sessions still open");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let accepted_before = sum(sims, |s| &s.accepted);
+        // Each round starts the other one first.
+        let order = if round % 2 == 0 { [0, 1] } else { [1, 0] };
+        let mut gateways: [Option<Gateway>; 2] = [None, None];
+        for which in order {
+            let port = free_port().unwrap();
+            gateways[which] =
+                Some(Gateway::start(bins[which], copies[which].path(), port, backend).await);
+        }
+        let gateways = gateways.map(Option::unwrap);
+        let deadline = Instant::now() + Duration::from_secs(900);
+        while sum(sims, |s| &s.accepted) < accepted_before + 2 * agents {
+            assert!(Instant::now() < deadline, "not all connected to both");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let cold = gateways.each_ref().map(|g| cpu_time(g.pid()));
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let idle_before = gateways.each_ref().map(|g| cpu_time(g.pid()));
+        let pongs_before = sum(sims, |s| &s.pongs);
+        tokio::time::sleep(Duration::from_secs(idle_secs)).await;
+        let idle = gateways
+            .each_ref()
+            .map(|g| cpu_time(g.pid()))
+            .into_iter()
+            .zip(idle_before)
+            .map(|(after, before)| after.saturating_sub(before));
+        // Both send the same heartbeats: half the pongs are each one's.
+        let pongs = (sum(sims, |s| &s.pongs) - pongs_before).max(2) / 2;
+        let mut measured = [Round::default(); 2];
+        for ((slot, cold), idle) in measured.iter_mut().zip(cold).zip(idle) {
+            *slot = Round {
+                cpu_per_session_us: cold.as_secs_f64() * 1e6 / agents as f64,
+                idle_percent: idle.as_secs_f64() / idle_secs as f64 * 100.0,
+                idle_us_per_heartbeat: idle.as_secs_f64() * 1e6 / pongs as f64,
+            };
+        }
+        for gateway in gateways {
+            gateway.stop();
+        }
+        results.push(measured);
+    }
+    results
+}
+
+fn print_side_by_side(rounds: &[[Round; 2]]) {
+    println!(
+        "side by side, at the same time   gateway CPU per session at a cold start / CPU while idle (per heartbeat)"
+    );
+    let mut total = [Round::default(); 2];
+    for (n, round) in rounds.iter().enumerate() {
+        let [this, base] = round;
+        println!(
+            "  round {}                        this {:.0} us / {:.2} % ({:.1} us); baseline {:.0} us / {:.2} % ({:.1} us)",
+            n + 1,
+            this.cpu_per_session_us,
+            this.idle_percent,
+            this.idle_us_per_heartbeat,
+            base.cpu_per_session_us,
+            base.idle_percent,
+            base.idle_us_per_heartbeat,
+        );
+        for (sum, one) in total.iter_mut().zip(round) {
+            sum.cpu_per_session_us += one.cpu_per_session_us;
+            sum.idle_percent += one.idle_percent;
+            sum.idle_us_per_heartbeat += one.idle_us_per_heartbeat;
+        }
+    }
+    let n = rounds.len().max(1) as f64;
+    let [this, base] = total;
+    println!(
+        "  mean                           this {:.0} us / {:.2} % ({:.1} us); baseline {:.0} us / {:.2} % ({:.1} us); this/baseline {:.3} / {:.3}",
+        this.cpu_per_session_us / n,
+        this.idle_percent / n,
+        this.idle_us_per_heartbeat / n,
+        base.cpu_per_session_us / n,
+        base.idle_percent / n,
+        base.idle_us_per_heartbeat / n,
+        this.cpu_per_session_us / base.cpu_per_session_us,
+        this.idle_us_per_heartbeat / base.idle_us_per_heartbeat,
     );
 }
