@@ -139,15 +139,18 @@ impl Registry {
             method: method.to_owned(),
             payload,
         };
-        sender
-            .send((request, reply))
+        // The deadline covers the wait for room in the session's queue too: a session whose
+        // agent takes nothing must not hold the caller past it.
+        let sent_and_answered = async {
+            sender
+                .send((request, reply))
+                .await
+                .map_err(|_| RequestError::SessionEnded)?;
+            answer.await.map_err(|_| RequestError::SessionEnded)
+        };
+        tokio::time::timeout(timeout, sent_and_answered)
             .await
-            .map_err(|_| RequestError::SessionEnded)?;
-        match tokio::time::timeout(timeout, answer).await {
-            Err(_) => Err(RequestError::Timeout),
-            Ok(Err(_)) => Err(RequestError::SessionEnded),
-            Ok(Ok(response)) => Ok(response),
-        }
+            .map_err(|_| RequestError::Timeout)?
     }
 
     /// Opens (with `Some`) or closes an agent's tunnels, as its session comes up or ends.
@@ -319,5 +322,33 @@ impl Sessions for Registry {
         request: http::Request<axum::body::Body>,
     ) -> Result<http::Response<axum::body::Body>, RequestError> {
         Registry::proxy(self, agent_id, user, request).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A request to a session whose queue stays full (its agent takes nothing) ends at the
+    /// caller's deadline; it does not wait for room in the queue first.
+    #[tokio::test]
+    async fn a_request_to_a_stuck_session_ends_at_its_deadline() {
+        let registry = Registry::new("replica");
+        let (requests, _held) = mpsc::channel(1);
+        let (reply, _) = oneshot::channel();
+        requests
+            .try_send((pb::Request::default(), reply))
+            .unwrap_or_else(|_| panic!("the queue has room for one"));
+        registry.track(7, 1, "grpc://agent:1", 1, requests);
+        registry.update(7, |c| c.phase = Phase::Connected);
+        let outcome = tokio::time::timeout(
+            Duration::from_secs(5),
+            registry.request(7, "ping", Vec::new(), Duration::from_millis(100)),
+        )
+        .await;
+        assert!(
+            matches!(outcome, Ok(Err(RequestError::Timeout))),
+            "{outcome:?}"
+        );
     }
 }
