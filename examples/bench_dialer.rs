@@ -298,14 +298,9 @@ async fn post(client: &reqwest::Client, base: &str, path: &str, body: Value) -> 
     response.json().await.unwrap()
 }
 
-/// Raw TLS handshakes over loopback with the same certificates, `concurrency` at a time.
-async fn tls_handshakes_per_second(
-    ca: &str,
-    cert: &str,
-    key: &str,
-    total: usize,
-    concurrency: usize,
-) -> f64 {
+/// `total` raw TLS handshakes over loopback with the same certificates, `concurrency` at a
+/// time (the caller times them).
+async fn tls_handshakes(ca: &str, cert: &str, key: &str, total: usize, concurrency: usize) {
     use rustls_pki_types::pem::PemObject;
     use rustls_pki_types::{CertificateDer, PrivateKeyDer};
     let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -336,7 +331,6 @@ async fn tls_handshakes_per_second(
             });
         }
     });
-    let started = Instant::now();
     let per_task = total / concurrency;
     let tasks: Vec<_> = (0..concurrency)
         .map(|_| {
@@ -354,7 +348,6 @@ async fn tls_handshakes_per_second(
     for task in tasks {
         task.await.unwrap();
     }
-    (per_task * concurrency) as f64 / started.elapsed().as_secs_f64()
 }
 
 #[tokio::main]
@@ -376,6 +369,12 @@ async fn main() {
     let port_base = u16::try_from(env("PORT_BASE", 10000)).unwrap();
     let bin = std::env::var("GATEWAY_BIN").unwrap_or_else(|_| "target/release/kas-gateway".into());
     let sim_bin = std::env::var("SIM_BIN").unwrap_or_else(|_| bin.clone());
+    let baseline = std::env::var("BASELINE_BIN").ok().filter(|b| !b.is_empty());
+    // Checked before anything is made: each build needs its own copy of the data.
+    assert!(
+        baseline.is_none() || std::env::var("BACKEND").as_deref() != Ok("postgres"),
+        "BASELINE_BIN runs on SQLite only: each build gets its own copy of the data directory"
+    );
     let backend = Backend::from_env().await;
     let dir = tempfile::tempdir().unwrap();
     {
@@ -517,8 +516,8 @@ async fn main() {
     let raw_cpu = (raw_first.cpu + raw_again.cpu) / 2.0;
     // Then, on request, a baseline build side by side with this one, against agents started
     // again (they were stopped for the raw handshakes).
-    let side_by_side = match std::env::var("BASELINE_BIN") {
-        Ok(baseline) if !baseline.is_empty() => {
+    let side_by_side = match &baseline {
+        Some(baseline) => {
             let sims = start_sims(&sim_bin, dir.path(), &created, per_process).await;
             let rounds = side_by_side(
                 [bin.as_str(), baseline.as_str()],
@@ -534,7 +533,7 @@ async fn main() {
             }
             Some(rounds)
         }
-        _ => None,
+        None => None,
     };
     backend.drop_database().await;
     let cpu_seconds = idle_cpu.as_secs_f64();
@@ -619,7 +618,7 @@ impl RawTls {
     async fn measure(ca_pem: &str, server: &kas_gateway::certs::Pair, count: usize) -> Self {
         let started = Instant::now();
         let cpu_before = cpu_time(std::process::id());
-        tls_handshakes_per_second(ca_pem, &server.cert, &server.key, count, 2).await;
+        tls_handshakes(ca_pem, &server.cert, &server.key, count, 2).await;
         Self {
             time: started.elapsed(),
             cpu: cpu_time(std::process::id())
@@ -674,10 +673,6 @@ async fn side_by_side(
     rounds: u64,
     idle_secs: u64,
 ) -> Vec<[Round; 2]> {
-    assert!(
-        matches!(backend, Backend::Sqlite),
-        "BASELINE_BIN runs on SQLite: each build gets its own copy of the data directory"
-    );
     let agents = sum(sims, |s| &s.listening);
     let copies: Vec<tempfile::TempDir> = (0..2)
         .map(|_| {
